@@ -1,0 +1,360 @@
+"""The in-house decoder: a GPT-2-layout transformer, written here, read top to bottom.
+
+Token and learned position embeddings -> N pre-LayerNorm blocks (causal multi-head self-attention
+through `scaled_dot_product_attention`, then a GELU MLP, each with a residual) -> final LayerNorm ->
+LM head tied to the token embedding. Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn`,
+...) so `rlhf.convert` maps weights one to one; GPT-2's `Conv1D` stores weights transposed, ours are
+plain `nn.Linear`.
+
+Two heads share the backbone: `RlhfForCausalLM` (language model, tied LM head) and
+`RlhfForSequenceClassification` (a `score` head giving one value per token; the reward model and
+PPO's value model). Both are `PreTrainedModel`s registered with the Auto classes on `import rlhf`.
+
+Shapes in comments: B batch, T query length, S key length (cache + new tokens), C = n_embd,
+nh = n_head, hs = C // nh, V = vocab size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+
+# GPT-2 config names for the tanh-approximated GELU (same function, fused kernel here).
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+SUPPORTED_ACTIVATIONS = TANH_GELUS + ("gelu",)
+
+
+class RlhfConfig(PretrainedConfig):
+    """Shape and regularisation of the decoder. Field names are GPT-2's."""
+
+    model_type = "rlhf-gpt"
+
+    def __init__(
+        self,
+        vocab_size: int = 4096,
+        n_positions: int = 256,
+        n_embd: int = 256,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_inner: int | None = None,
+        activation_function: str = "gelu_new",
+        dropout: float = 0.0,
+        layer_norm_epsilon: float = 1e-5,
+        initializer_range: float = 0.02,
+        reward_mean: float = 0.0,
+        reward_std: float = 1.0,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        if activation_function not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"activation_function must be one of {SUPPORTED_ACTIVATIONS}, got {activation_function!r}")
+        self.vocab_size = vocab_size
+        self.n_positions = n_positions
+        self.n_embd = n_embd
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_inner = n_inner
+        self.activation_function = activation_function
+        self.dropout = dropout  # embeddings, attention probabilities and residual branches alike
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.initializer_range = initializer_range
+        # Reward normalisation (set by the reward stage): normalised = (raw - mean) / std.
+        self.reward_mean = reward_mean
+        self.reward_std = reward_std
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        kwargs.setdefault("num_labels", 1)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    # Names the transformers tooling looks up generically.
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.n_positions
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: RlhfConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.layer_idx = config.n_head, layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
+        dropout_p = self.attn_dropout.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: RlhfConfig):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.approximate = "tanh" if config.activation_function in TANH_GELUS else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(GradientCheckpointingLayer):
+    def __init__(self, config: RlhfConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, T, S) from a 2-D padding mask (B, S) over cache + new tokens.
+
+    Query i (absolute position S - T + i) sees the non-pad keys at or before it. Each query also
+    sees itself, so that pad queries (whose outputs are ignored) get no all-masked row, whose
+    softmax would be NaN.
+    """
+    S = attention_mask.shape[1]
+    q_pos = torch.arange(S - query_length, S, device=attention_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    return (attention_mask.bool()[:, None, None, :] & causal) | (k_pos == q_pos)  # (B, 1, T, S)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Positions (B, T) that count only real tokens, so left or right padding changes nothing."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    return positions[:, -query_length:]
+
+
+class RlhfPreTrainedModel(PreTrainedModel):
+    config_class = RlhfConfig
+    config: RlhfConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if isinstance(module, (CausalSelfAttention, MLP)):  # GPT-2's scaled init of residual projections
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / (2 * self.config.n_layer) ** 0.5)
+
+
+class RlhfModel(RlhfPreTrainedModel):
+    """The backbone: embeddings, blocks, final LayerNorm. Returns hidden states (B, T, C)."""
+
+    def __init__(self, config: RlhfConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's context of {self.config.n_positions}")
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if position_ids is None:
+            if padded:
+                position_ids = position_ids_from_mask(attention_mask, T)
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
+        # Without padding or cache the fused causal kernel applies (mask=None -> is_causal).
+        mask = None
+        if padded or past > 0:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+            mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        for block in self.h:
+            x = block(x, mask, cache)
+        return self.ln_f(x)
+
+
+@dataclass
+class ScalarHeadOutput(SequenceClassifierOutputWithPast):
+    """`logits` (B, num_labels): the score at the last non-pad token; `token_scores` (B, T, num_labels)."""
+
+    token_scores: torch.Tensor | None = None
+
+
+def _resolve_cache(cache, kwargs: dict):
+    # transformers renamed `past_key_values` to `cache`; accept either.
+    return cache if cache is not None else kwargs.pop("past_key_values", None)
+
+
+class RlhfForCausalLM(RlhfPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: RlhfConfig):
+        super().__init__(config)
+        self.transformer = RlhfModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels` (B, T) are the inputs themselves (shifted here); -100 marks ignored positions."""
+        cache = _resolve_cache(cache, kwargs)
+        if use_cache and cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.config)
+        hidden = self.transformer(input_ids, attention_mask, position_ids, cache)  # (B, T, C)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, T, V) at t predict labels (B, T) at t + 1.
+
+    With `num_items_in_batch` (the Trainer's count over all accumulated micro-batches) the sum is
+    divided by it, so gradient accumulation weighs every token equally.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+
+
+class RlhfForSequenceClassification(RlhfPreTrainedModel):
+    """Backbone + a linear `score` head: one value per token (B, T, num_labels).
+
+    `logits` is the value at each row's last non-pad token, which is what TRL's `RewardTrainer`
+    and transformers' sequence-classification tooling read. PPO's value model reads `token_scores`.
+    """
+
+    def __init__(self, config: RlhfConfig):
+        super().__init__(config)
+        self.transformer = RlhfModel(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ScalarHeadOutput:
+        hidden = self.transformer(input_ids, attention_mask, position_ids)  # (B, T, C)
+        token_scores = self.score(hidden)  # (B, T, num_labels)
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        else:  # index of the last real token, for left and right padding alike
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            last = (attention_mask.long() * positions).argmax(-1)  # (B,)
+        logits = token_scores[torch.arange(input_ids.shape[0], device=input_ids.device), last]  # (B, num_labels)
+        loss = None
+        if labels is not None:  # regression on the scalar, as transformers does for num_labels == 1
+            loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return ScalarHeadOutput(loss=loss, logits=logits, token_scores=token_scores)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout of `model` (embeddings, attention, residuals) to `p`; 0 turns it off."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "dropout"):
+        config.dropout = p
+
+
+def register_auto_classes() -> None:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    AutoConfig.register(RlhfConfig.model_type, RlhfConfig, exist_ok=True)
+    AutoModel.register(RlhfConfig, RlhfModel, exist_ok=True)
+    AutoModelForCausalLM.register(RlhfConfig, RlhfForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(RlhfConfig, RlhfForSequenceClassification, exist_ok=True)
+
+
+register_auto_classes()
