@@ -295,11 +295,12 @@ def causal_lm_loss(
     With `num_items_in_batch` (the Trainer's count over all accumulated micro-batches) the sum is
     divided by it, so gradient accumulation weighs every token equally.
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    # Shift the labels, not the logits: slicing (B, T, V) logits would copy them, and again in backward.
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(logits.device)  # (B * T,)
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (B * T, V)
     if num_items_in_batch is None:
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        return F.cross_entropy(flat_logits, shift_labels, ignore_index=-100)
+    total = F.cross_entropy(flat_logits, shift_labels, ignore_index=-100, reduction="sum")
     return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
