@@ -25,7 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 # GPT-2 config names for the tanh-approximated GELU (same function, fused kernel here).
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -187,7 +187,7 @@ class RlhfPreTrainedModel(PreTrainedModel):
 
 
 class RlhfModel(RlhfPreTrainedModel):
-    """The backbone: embeddings, blocks, final LayerNorm. Returns hidden states (B, T, C)."""
+    """The backbone: embeddings, blocks, final LayerNorm."""
 
     def __init__(self, config: RlhfConfig):
         super().__init__(config)
@@ -211,7 +211,9 @@ class RlhfModel(RlhfPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache=None,
-    ) -> torch.Tensor:
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """`last_hidden_state` (B, T, C). Extra keyword arguments (`use_cache`, ...) are accepted and ignored."""
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if past + T > self.config.n_positions:
@@ -231,7 +233,7 @@ class RlhfModel(RlhfPreTrainedModel):
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         for block in self.h:
             x = block(x, mask, cache)
-        return self.ln_f(x)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), cache=cache)
 
 
 @dataclass
@@ -279,7 +281,7 @@ class RlhfForCausalLM(RlhfPreTrainedModel, GenerationMixin):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.config)
-        hidden = self.transformer(input_ids, attention_mask, position_ids, cache)  # (B, T, C)
+        hidden = self.transformer(input_ids, attention_mask, position_ids, cache).last_hidden_state  # (B, T, C)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, V)
         loss = None
         if labels is not None:
@@ -325,7 +327,7 @@ class RlhfForSequenceClassification(RlhfPreTrainedModel):
         labels: torch.Tensor | None = None,
         **kwargs,
     ) -> ScalarHeadOutput:
-        hidden = self.transformer(input_ids, attention_mask, position_ids)  # (B, T, C)
+        hidden = self.transformer(input_ids, attention_mask, position_ids).last_hidden_state  # (B, T, C)
         token_scores = self.score(hidden)  # (B, T, num_labels)
         if attention_mask is None:
             last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)

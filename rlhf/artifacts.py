@@ -1,0 +1,180 @@
+"""The artifact directory: one folder per stage, a manifest written last, a lock per run.
+
+    <run_dir>/<stage>/             save_pretrained layout (config, safetensors, tokenizer files)
+    <run_dir>/<stage>/manifest.json stage, status, config, input and output hashes, times, metrics
+    <run_dir>/<stage>/metrics.jsonl one JSON object per logged step
+    <run_dir>/<stage>/checkpoints/  resumable training state (the trainer's checkpoint-N folders)
+
+A stage is complete when its manifest says so and every output still has its recorded hash.
+Everything is written to a temporary file and renamed, so a crash never leaves a half-written
+manifest. Artifacts are read as JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from rlhf import __version__
+from rlhf.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
+NOT_OUTPUTS = {MANIFEST, METRICS}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same folder, flush to disk, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path}: corrupted manifest (not JSON); re-run the stage with --force") from None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def output_files(stage_dir: str | Path) -> dict[str, str]:
+    """sha256 of every output file of a stage (checkpoints, manifest and metrics excluded)."""
+    stage_dir = Path(stage_dir)
+    hashes = {}
+    for path in sorted(stage_dir.rglob("*")):
+        relative = path.relative_to(stage_dir)
+        if path.is_file() and relative.parts[0] != CHECKPOINTS and path.name not in NOT_OUTPUTS and not path.name.startswith("."):
+            hashes[relative.as_posix()] = sha256_file(path)
+    return hashes
+
+
+def verify_outputs(stage_dir: str | Path, manifest: dict) -> str | None:
+    """None if every recorded output exists with its hash, else a description of the first problem."""
+    stage_dir = Path(stage_dir)
+    for name, digest in manifest.get("outputs", {}).items():
+        path = stage_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != digest:
+            return f"{path} was modified or corrupted (sha256 differs from the manifest)"
+    return None
+
+
+def write_manifest(stage_dir: str | Path, manifest: dict) -> dict:
+    """Complete `manifest` with output hashes and the package version; write it atomically, last."""
+    manifest = {**manifest, "status": "complete", "version": __version__, "finished": now()}
+    manifest["outputs"] = output_files(stage_dir)
+    atomic_write_text(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def invalidate(stage_dir: str | Path) -> None:
+    """Mark a stage incomplete before rewriting its outputs."""
+    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+
+
+def append_metrics(stage_dir: str | Path, row: dict) -> None:
+    with open(Path(stage_dir) / METRICS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def truncate_metrics(stage_dir: str | Path, last_step: int) -> None:
+    """Drop logged rows past `last_step` (a resumed run logs those steps again)."""
+    path = Path(stage_dir) / METRICS
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict]:
+    path = Path(stage_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory: `.lock` holds the holder's pid and host.
+
+    A lock left by a dead process on this host is taken over; a live holder makes `acquire` raise.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, OSError):
+                    holder = {}
+                same_host = holder.get("host") == me["host"]
+                if same_host and isinstance(holder.get("pid"), int) and not _process_alive(holder["pid"]):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise ArtifactError(
+                    f"{self.path.parent}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                    f"since {holder.get('since', '?')}; wait for it or delete {self.path} if that process is gone"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            return
+        raise ArtifactError(f"{self.path}: could not take over a stale lock")
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

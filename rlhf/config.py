@@ -1,0 +1,318 @@
+"""Typed configuration: one dataclass per stage, parsed from a pipeline YAML.
+
+A pipeline file looks like:
+
+    run_dir: runs/demo          # where every stage writes (overridable with --run-dir)
+    seed: 0
+    stages:
+      tokenizer: {data: [data_samples/corpus.txt], vocab_size: 2048}
+      pretrain: {data: [data_samples/corpus.txt], model: {n_layer: 4}, max_steps: 300}
+      sft: {data: data_samples/sft.jsonl, lr: 1e-3}
+
+Stages run in the fixed order of `STAGE_ORDER`; a stage absent from `stages` is not run. Every
+field is documented once, below its declaration. Unknown keys, wrong types and invalid values are
+`ConfigError`s naming the file and the key. Relative paths resolve against the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.errors import ConfigError
+
+STAGE_ORDER = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class TokenizerConfig:
+    data: list[str] = field(default_factory=list)
+    """Text files to train on: .txt read whole; .jsonl/.json every string value (messages included)."""
+    kind: str = "bpe"
+    """'bpe' (byte-level BPE) or 'char' (one token per character, byte fallback for unseen ones)."""
+    vocab_size: int = 2048
+    """Vocabulary size for 'bpe', special tokens and the 256 byte tokens included. Ignored for 'char'."""
+
+    def __post_init__(self):
+        _check(len(self.data) > 0, "data: give at least one file")
+        _check(self.kind in ("bpe", "char"), f"kind: must be 'bpe' or 'char', got {self.kind!r}")
+        _check(self.vocab_size >= 261, f"vocab_size: must be >= 261 (specials + 256 bytes), got {self.vocab_size}")
+
+
+@dataclass
+class ModelShape:
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    n_positions: int = 256
+    """Context length: the longest sequence the model can read."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residual branches (pretraining and SFT only)."""
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            _check(getattr(self, name) > 0, f"{name}: must be positive, got {getattr(self, name)}")
+        _check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings shared by every training stage."""
+
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means `epochs` passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is -1."""
+    batch_size: int = 16
+    """Sequences per device per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    lr_schedule: str = "cosine"
+    """After warm-up: 'cosine' (down to min_lr), 'linear' (down to 0) or 'constant'."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to lr."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables it."""
+    eval_fraction: float = 0.05
+    """Share of the data held out for evaluation (the last rows, or the tail of a text corpus)."""
+    eval_every: int = 0
+    """Evaluate every this many steps; 0 evaluates once, at the end."""
+    eval_batch_size: int = 32
+    """Sequences per evaluation batch."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    save_every: int = 100
+    """Write a resumable checkpoint every this many steps."""
+    amp: str = "auto"
+    """Mixed precision: 'auto' (bf16 on CUDA where supported, else fp16; fp32 on CPU), 'bf16', 'fp16', 'off'."""
+
+    def __post_init__(self):
+        _check(self.max_steps == -1 or self.max_steps > 0, f"max_steps: must be -1 or positive, got {self.max_steps}")
+        _check(self.epochs > 0, f"epochs: must be positive, got {self.epochs}")
+        _check(self.batch_size > 0, f"batch_size: must be positive, got {self.batch_size}")
+        _check(self.grad_accum > 0, f"grad_accum: must be positive, got {self.grad_accum}")
+        _check(self.lr > 0, f"lr: must be positive, got {self.lr}")
+        _check(self.lr_schedule in ("cosine", "linear", "constant"), f"lr_schedule: unknown {self.lr_schedule!r}")
+        _check(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr <= self.lr, f"min_lr: must be in [0, lr], got {self.min_lr}")
+        _check(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1/adam_beta2: must be in [0, 1)")
+        _check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
+        _check(0 < self.eval_fraction < 1, f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+        for name in ("eval_every", "log_every", "save_every"):
+            _check(getattr(self, name) >= 0, f"{name}: must be >= 0")
+        _check(self.amp in ("auto", "bf16", "fp16", "off"), f"amp: unknown {self.amp!r}")
+
+
+@dataclass
+class PretrainConfig(TrainingConfig):
+    data: list[str] = field(default_factory=list)
+    """Plain-text corpus: .txt files read whole, or .jsonl/.json/.parquet/.csv with a 'text' column."""
+    model: ModelShape = field(default_factory=ModelShape)
+    """Shape of the decoder trained from scratch."""
+    block_size: int = 0
+    """Tokens per packed training block; 0 means the model's context (n_positions)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(len(self.data) > 0, "data: give at least one file")
+        _check(0 <= self.block_size <= self.model.n_positions, "block_size: must be in [0, model.n_positions]")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: float = 16.0
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    """Linear layers that get adapters."""
+
+    def __post_init__(self):
+        _check(self.r > 0, f"r: must be positive, got {self.r}")
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    data: str = ""
+    """Demonstrations: conversational 'messages', or 'prompt' + 'completion' (strings or messages)."""
+    max_length: int = 0
+    """Longest tokenized example; 0 means the model's context. Longer examples are counted and reported."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of all weights; they are merged into the saved model."""
+    eval_prompts: str = ""
+    """Optional held-out prompts ('prompt' column) whose responses the judge scores, before and after SFT."""
+    judge: str = ""
+    """Optional 'module:function' scoring (prompts, responses) -> floats, e.g. 'rlhf.demo_task:gold_judge'."""
+    max_new_tokens: int = 48
+    """Response length limit when generating for the judge."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(bool(self.data), "data: give a file")
+        _check(bool(self.eval_prompts) == bool(self.judge), "eval_prompts and judge: give both or neither")
+        _check(self.max_length >= 0, f"max_length: must be >= 0, got {self.max_length}")
+
+
+STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig}
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/demo"
+    """Artifact directory shared by all stages."""
+    seed: int = 0
+    """Seed for every stage (data order, initialisation, sampling)."""
+    stages: dict[str, Any] = field(default_factory=dict)
+    """Stage name -> its config; stages run in the order tokenizer, pretrain, sft, reward, ppo, report."""
+    source: str = ""
+    """The YAML file this came from (set by the loader, not by the file)."""
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and inner is str:
+            value = [value]  # a single file where a list is expected
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
+        return [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
+        return value
+    return value
+
+
+def build(cls: type, data: Any, where: str):
+    """Instantiate dataclass `cls` from a mapping; `where` prefixes every error ('file: key.path')."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "source"]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{_join(where, key)}: unknown key{hint}")
+    kwargs = {key: _convert(hints[key], value, _join(where, key)) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def apply_override(tree: dict, assignment: str, source: str) -> None:
+    """Set `a.b.c=value` (value parsed as YAML) inside the nested mapping `tree`."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r}: expected key.path=value")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part} is not a mapping in {source}")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw else ""
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = (), run_dir: str | None = None) -> PipelineConfig:
+    """Parse a pipeline YAML (plus `key.path=value` overrides) into typed configs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for assignment in overrides:
+        apply_override(tree, assignment, str(path))
+    stages_tree = tree.pop("stages", None) or {}
+    if not isinstance(stages_tree, dict):
+        raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
+    config = build(PipelineConfig, tree, str(path) + ":")
+    for name, settings in stages_tree.items():
+        if name not in STAGE_CONFIGS:
+            close = difflib.get_close_matches(str(name), list(STAGE_CONFIGS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(STAGE_CONFIGS)})"
+            raise ConfigError(f"{path}: stages.{name}: unknown stage{hint}")
+        config.stages[name] = build(STAGE_CONFIGS[name], settings, f"{path}: stages.{name}")
+    config.source = str(path)
+    if run_dir is not None:
+        config.run_dir = run_dir
+    return config
+
+
+def stage_config_dict(stage_config: Any) -> dict:
+    """A stage config as plain data (for manifests and fingerprints)."""
+    return dataclasses.asdict(stage_config)

@@ -1,0 +1,173 @@
+"""Reading and checking data files: JSONL (optionally .gz), JSON, Parquet, CSV, saved datasets.
+
+Every problem is a `DataError` whose one-line message names the file, the row (1-based line for
+JSONL) and what is wrong, raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import DataError
+
+TABULAR_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+ROLES = ("system", "user", "assistant")
+
+
+def _open_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except OSError as error:
+            raise DataError(f"{path}: not a valid gzip file ({error})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8 (byte {raw[error.start]:#04x})") from None
+
+
+def _format_of(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    return suffixes[-1] if suffixes else ""
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a tabular data file or saved dataset directory, as dicts."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        import datasets
+
+        try:
+            return list(datasets.load_from_disk(str(path)))
+        except (FileNotFoundError, ValueError) as error:
+            raise DataError(f"{path}: not a saved dataset directory ({error})") from None
+    kind = _format_of(path)
+    if kind == ".jsonl":
+        rows = []
+        for number, line in enumerate(_open_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    elif kind == ".json":
+        try:
+            rows = json.loads(_open_text(path))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: expected a JSON list of objects")
+    elif kind in (".parquet", ".csv"):
+        import datasets
+
+        try:
+            rows = list(datasets.Dataset.from_parquet(str(path)) if kind == ".parquet" else datasets.Dataset.from_csv(str(path)))
+        except Exception as error:  # the readers raise many types; all mean "unreadable"
+            raise DataError(f"{path}: cannot read {kind[1:]} ({str(error).splitlines()[0]})") from None
+    else:
+        raise DataError(f"{path}: unsupported format; use one of {', '.join(TABULAR_SUFFIXES)} or a saved dataset")
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def read_text_documents(paths: list[str]) -> list[str]:
+    """Documents for language modelling: a .txt file is one document; tabular files give their 'text' column."""
+    documents = []
+    for name in paths:
+        path = Path(name)
+        if _format_of(path) == ".txt":
+            if not path.is_file():
+                raise DataError(f"{path}: file not found")
+            text = _open_text(path)
+            if not text.strip():
+                raise DataError(f"{path}: empty file")
+            documents.append(text)
+            continue
+        for number, row in enumerate(read_rows(path), start=1):
+            text = row.get("text")
+            if not isinstance(text, str):
+                raise DataError(f"{path}: row {number}: expected a string column 'text', got keys {sorted(row)}")
+            if text.strip():
+                documents.append(text)
+    return documents
+
+
+def all_strings(value: Any) -> list[str]:
+    """Every string inside nested lists and dicts (for training a tokenizer on any data file)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in all_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in all_strings(v)]
+    return []
+
+
+def check_messages(messages: Any, where: str, last_role: str | None = None) -> None:
+    """A conversational list: [{'role': ..., 'content': non-empty string}, ...]."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: expected a non-empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) < {"role", "content"}:
+            raise DataError(f"{where}[{i}]: expected {{'role': ..., 'content': ...}}")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}[{i}]: unknown role {message['role']!r} (use {', '.join(ROLES)})")
+        if not isinstance(message["content"], str) or not message["content"].strip():
+            raise DataError(f"{where}[{i}]: empty or non-string content")
+    if last_role is not None and messages[-1]["role"] != last_role:
+        raise DataError(f"{where}: the last message must be from the {last_role}")
+
+
+def _check_text_or_messages(value: Any, where: str, last_role: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: empty text")
+    else:
+        check_messages(value, where, last_role)
+
+
+def check_sft_rows(path: str | Path, rows: list[dict]) -> str:
+    """Validate SFT rows; returns the format: 'messages' or 'prompt_completion'."""
+    first = rows[0]
+    if "messages" in first:
+        for number, row in enumerate(rows, start=1):
+            if "messages" not in row:
+                raise DataError(f"{path}: row {number}: missing column 'messages'")
+            check_messages(row["messages"], f"{path}: row {number}: messages", last_role="assistant")
+        return "messages"
+    if "prompt" in first or "completion" in first:
+        for number, row in enumerate(rows, start=1):
+            for column, role in (("prompt", "user"), ("completion", "assistant")):
+                if column not in row:
+                    raise DataError(f"{path}: row {number}: missing column '{column}'")
+                _check_text_or_messages(row[column], f"{path}: row {number}: {column}", role)
+        return "prompt_completion"
+    raise DataError(f"{path}: row 1: expected a 'messages' column or 'prompt' and 'completion' columns, got {sorted(first)}")
+
+
+def check_prompt_rows(path: str | Path, rows: list[dict]) -> None:
+    """Prompt files (PPO, evaluation): a 'prompt' column, a string or a conversation ending with the user."""
+    for number, row in enumerate(rows, start=1):
+        if "prompt" not in row:
+            raise DataError(f"{path}: row {number}: missing column 'prompt' (got {sorted(row)})")
+        _check_text_or_messages(row["prompt"], f"{path}: row {number}: prompt", "user")
+
+
+def split_tail(rows: list, fraction: float) -> tuple[list, list]:
+    """(train, held-out): the last `fraction` of the rows is held out; at least one row each."""
+    if len(rows) < 2:
+        raise DataError(f"need at least 2 rows to hold some out for evaluation, got {len(rows)}")
+    held = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    return rows[:-held], rows[-held:]

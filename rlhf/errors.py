@@ -1,0 +1,17 @@
+"""Errors that mean "the user's input is wrong": the CLI prints them on one line and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input: a file, a row, a key or a value the user can fix. The message names it."""
+
+
+class ConfigError(UserError):
+    """A pipeline YAML or an override that does not fit the typed stage configs."""
+
+
+class DataError(UserError):
+    """A data file that cannot be read or has a bad row."""
+
+
+class ArtifactError(UserError):
+    """A run directory whose artifacts are missing, corrupted or in use."""

@@ -1,0 +1,98 @@
+"""Run a pipeline's stages in order through one artifact directory, skipping what is up to date.
+
+A stage's fingerprint hashes its resolved config, the sha256 of its input files, the seed and its
+upstream stages' output hashes. A stage whose complete manifest records the same fingerprint,
+and whose outputs still match their hashes, is skipped; when an upstream stage's outputs change,
+every stage downstream of it runs again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rlhf.artifacts import RunLock, now, read_manifest, sha256_file, sha256_json, verify_outputs, write_manifest
+from rlhf.config import STAGE_ORDER, PipelineConfig, stage_config_dict
+from rlhf.errors import ArtifactError, ConfigError, DataError
+from rlhf.stages import StageContext, stage_module
+
+
+def plan(config: PipelineConfig, only: str | None = None, start: str | None = None) -> list[str]:
+    """The stages to consider, in order."""
+    stages = [name for name in STAGE_ORDER if name in config.stages]
+    for flag, name in (("--only", only), ("--from", start)):
+        if name is not None and name not in stages:
+            raise ConfigError(f"{flag} {name}: not a stage of {config.source} (it has {', '.join(stages)})")
+    if only:
+        return [only]
+    if start:
+        return stages[stages.index(start) :]
+    return stages
+
+
+def input_hashes(files: list[str]) -> dict[str, str]:
+    hashes = {}
+    for name in files:
+        path = Path(name)
+        if path.is_dir():
+            hashes[name] = sha256_json({p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
+        elif path.is_file():
+            hashes[name] = sha256_file(path)
+        else:
+            raise DataError(f"{path}: file not found")
+    return hashes
+
+
+def fingerprint(config: PipelineConfig, name: str, run_dir: Path) -> tuple[str, dict]:
+    """(fingerprint, the facts it hashes) for stage `name`."""
+    module = stage_module(name)
+    upstream = {}
+    for parent in module.UPSTREAM:
+        manifest = read_manifest(run_dir / parent)
+        upstream[parent] = sha256_json(manifest.get("outputs")) if manifest and manifest.get("status") == "complete" else None
+    facts = {
+        "config": stage_config_dict(config.stages[name]),
+        "seed": config.seed,
+        "inputs": input_hashes(module.inputs(config.stages[name])),
+        "upstream": upstream,
+    }
+    return sha256_json(facts), facts
+
+
+def check_artifacts(run_dir: Path, stages: list[str], forced: set[str]) -> None:
+    """Stop before any training if a completed stage's outputs no longer match its manifest."""
+    for name in STAGE_ORDER:
+        manifest = read_manifest(run_dir / name)
+        if name in forced or manifest is None or manifest.get("status") != "complete":
+            continue
+        problem = verify_outputs(run_dir / name, manifest)
+        if problem:
+            raise ArtifactError(f"stage '{name}': {problem}; re-run it with: rlhf run ... --from {name}")
+
+
+def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | None = None, force: bool = False) -> None:
+    run_dir = Path(config.run_dir)
+    stages = plan(config, only, start)
+    forced = set(stages) if force else ({*stages} if start else set())
+    with RunLock(run_dir):
+        check_artifacts(run_dir, stages, forced)
+        for name in stages:
+            stage_fingerprint, facts = fingerprint(config, name, run_dir)
+            manifest = read_manifest(run_dir / name)
+            if name not in forced and manifest and manifest.get("status") == "complete" and manifest.get("fingerprint") == stage_fingerprint:
+                print(f"[{name}] up to date, skipped (finished {manifest.get('finished')})")
+                continue
+            if None in facts["upstream"].values():
+                missing = [k for k, v in facts["upstream"].items() if v is None]
+                raise ArtifactError(f"{run_dir / missing[0]}: upstream stage '{missing[0]}' has not completed; run it first")
+            print(f"[{name}] running")
+            started, clock = now(), time.perf_counter()
+            context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint)
+            metrics = stage_module(name).run(context)
+            seconds = time.perf_counter() - clock
+            write_manifest(
+                run_dir / name,
+                {"stage": name, "fingerprint": stage_fingerprint, **facts, "started": started,
+                 "seconds": round(seconds, 1), "metrics": metrics, "pipeline": config.source},
+            )  # fmt: skip
+            print(f"[{name}] done in {seconds:.1f} s")

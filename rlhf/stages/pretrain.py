@@ -1,0 +1,102 @@
+"""Stage `pretrain`: next-token prediction from scratch on plain text, on TRL's `SFTTrainer`.
+
+The corpus is tokenized into one stream (documents separated by EOS); its last `eval_fraction`
+is held out, like nanoGPT's 90/10 split. TRL packs each part into fixed-length blocks ("wrapped"
+packing) and trains with the shared schedule, clipping and precision settings.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rlhf.config import PretrainConfig
+from rlhf.data import read_text_documents
+from rlhf.errors import DataError
+from rlhf.stages import StageContext
+
+UPSTREAM = ("tokenizer",)
+
+
+def inputs(config: PretrainConfig) -> list[str]:
+    return list(config.data)
+
+
+def token_stream(tokenizer, documents: list[str]) -> list[int]:
+    """All documents as one token list, each followed by EOS when there are several."""
+    stream: list[int] = []
+    for document in documents:
+        stream += tokenizer(document, add_special_tokens=False)["input_ids"]
+        if len(documents) > 1:
+            stream.append(tokenizer.eos_token_id)
+    return stream
+
+
+def blocks(stream: list[int], size: int) -> list[list[int]]:
+    """Rows of the dataset handed to TRL's packer: the stream cut into pieces of `size` tokens."""
+    return [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf.model import RlhfConfig, RlhfForCausalLM
+    from rlhf.training import train, trainer_arguments
+
+    config: PretrainConfig = ctx.config
+    block_size = config.block_size or config.model.n_positions
+
+    # 1. Read the corpus and the tokenizer; hold out the tail of the token stream.
+    documents = read_text_documents(config.data)
+    tokenizer = AutoTokenizer.from_pretrained(ctx.upstream("tokenizer"))
+    stream = token_stream(tokenizer, documents)
+    held_out = max(block_size, int(len(stream) * config.eval_fraction))
+    train_blocks, eval_blocks = blocks(stream[:-held_out], block_size), blocks(stream[-held_out:], block_size)
+    if not train_blocks or not eval_blocks:
+        raise DataError(f"{config.data[0]}: corpus too small: {len(stream)} tokens for blocks of {block_size}")
+    print(f"pretrain: {len(stream):,} tokens, {len(train_blocks):,} training blocks of {block_size}, {len(eval_blocks)} held out")
+    out_dir = ctx.begin()
+
+    # 2. Build the model from scratch.
+    torch.manual_seed(ctx.seed)
+    shape = config.model
+    model_config = RlhfConfig(
+        vocab_size=len(tokenizer), n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=shape.n_layer,
+        n_head=shape.n_head, dropout=shape.dropout, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = RlhfForCausalLM(model_config)
+    print(f"pretrain: model of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    # 3. Train on TRL's SFTTrainer: pre-tokenized rows, wrapped packing into fixed blocks.
+    args = trainer_arguments(
+        SFTConfig, config, out_dir, ctx.seed, has_eval=True,
+        max_length=block_size, packing=True, packing_strategy="wrapped",
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": train_blocks}),
+        eval_dataset=Dataset.from_dict({"input_ids": eval_blocks}),
+        processing_class=tokenizer,
+    )
+    seconds = train(trainer, out_dir, ctx.fingerprint)
+
+    # 4. Evaluate on the held-out tail and save in save_pretrained layout.
+    evaluation = trainer.evaluate()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    metrics = {
+        "eval_loss": evaluation["eval_loss"],
+        "eval_perplexity": math.exp(evaluation["eval_loss"]),
+        "eval_accuracy": evaluation.get("eval_mean_token_accuracy"),
+        "train_seconds": round(seconds, 1),
+        "steps": trainer.state.global_step,
+    }
+    print(
+        f"pretrain: {metrics['steps']} steps in {seconds:.1f} s; held-out loss {metrics['eval_loss']:.4f}, "
+        f"perplexity {metrics['eval_perplexity']:.2f}, next-token accuracy {metrics['eval_accuracy']:.3f}"
+    )
+    return metrics

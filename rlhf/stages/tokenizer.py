@@ -1,0 +1,33 @@
+"""Stage `tokenizer`: train the tokenizer on the pipeline's text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf.config import TokenizerConfig
+from rlhf.data import all_strings, read_rows, read_text_documents
+from rlhf.stages import StageContext
+
+UPSTREAM: tuple[str, ...] = ()
+
+
+def inputs(config: TokenizerConfig) -> list[str]:
+    return list(config.data)
+
+
+def run(ctx: StageContext) -> dict:
+    from rlhf.tokenizer import save_tokenizer, train_tokenizer
+
+    config: TokenizerConfig = ctx.config
+    # 1. Gather text: plain-text files whole, every string of tabular files.
+    texts = []
+    for name in config.data:
+        if Path(name).suffix == ".txt":
+            texts += read_text_documents([name])
+        else:
+            texts += [s for row in read_rows(name) for s in all_strings(row)]
+    # 2. Train and save.
+    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, kind=config.kind)
+    save_tokenizer(tokenizer, ctx.begin())
+    print(f"tokenizer: {config.kind}, {len(tokenizer)} tokens, trained on {sum(len(t) for t in texts):,} characters")
+    return {"vocab_size": len(tokenizer), "characters": sum(len(t) for t in texts)}
