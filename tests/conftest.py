@@ -1,0 +1,55 @@
+"""Shared tiny fixtures: configs and models small enough for a 2-core CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# One intra-op thread: these models are too small to gain from more, and on a shared 2-core
+# machine OpenMP's spinning threads make every tiny matmul ~15x slower under load. Set before
+# torch is imported (subprocesses inherit it); an explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+TINY = dict(vocab_size=96, n_positions=48, n_embd=32, n_layer=2, n_head=4)
+
+
+def make_config(**overrides):
+    from rlhf.model import RlhfConfig
+
+    return RlhfConfig(**{**TINY, **overrides})
+
+
+@pytest.fixture
+def tiny_config():
+    """A fresh tiny `RlhfConfig` (vocab 96, context 48, 2 layers, 4 heads, width 32)."""
+    return make_config()
+
+
+@pytest.fixture
+def tiny_lm(tiny_config):
+    """A seeded, randomly initialised `RlhfForCausalLM` in eval mode."""
+    import torch
+
+    from rlhf.model import RlhfForCausalLM
+
+    torch.manual_seed(0)
+    return RlhfForCausalLM(tiny_config).eval()
+
+
+def randomize_(model, scale: float = 0.3, seed: int = 0):
+    """Add seeded noise to every parameter (LayerNorms included), in place; return `model`.
+
+    The default init (std 0.02, LayerNorm 1/0) gives near-uniform logits, under which a
+    swapped or mis-transposed weight can hide inside a 1e-4 tolerance; noise makes it show.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # tied weights are one parameter, perturbed once
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return model
