@@ -80,11 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Positional overrides: argparse puts a lone `key=value` into `pipeline` when no YAML is named.
-    if getattr(args, "pipeline", None) and "=" in args.pipeline and not args.pipeline.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.pipeline)
-        args.pipeline = None
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":
+        # Overrides may stand anywhere, even after flags; a lone `key=value` is not a pipeline file.
+        if args.pipeline and "=" in args.pipeline and not args.pipeline.endswith((".yaml", ".yml")):
+            args.overrides.insert(0, args.pipeline)
+            args.pipeline = None
+        args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
+        extra = [item for item in extra if item not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from rlhf.errors import UserError
 
     try:

@@ -33,7 +33,9 @@ def gpt2_to_rlhf(gpt2: GPT2LMHeadModel) -> RlhfForCausalLM:
         raise ValueError("GPT-2 attention-scaling variants are not supported by the rlhf decoder")
     if g.activation_function not in SUPPORTED_ACTIVATIONS:
         raise ValueError(f"GPT-2 activation {g.activation_function!r} is not supported")
-    config = RlhfConfig(dropout=g.resid_pdrop, **{k: getattr(g, k) for k in SHARED_CONFIG_KEYS})
+    config = RlhfConfig(
+        dropout=g.resid_pdrop, tie_word_embeddings=g.tie_word_embeddings, **{k: getattr(g, k) for k in SHARED_CONFIG_KEYS}
+    )
     model = RlhfForCausalLM(config)
     state = {k: v for k, v in gpt2.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     model.load_state_dict(_transpose_conv1d(state), strict=True)
@@ -44,7 +46,8 @@ def rlhf_to_gpt2(model: RlhfForCausalLM) -> GPT2LMHeadModel:
     """transformers' `GPT2LMHeadModel` with the same weights and function as `model`."""
     c = model.config
     config = GPT2Config(
-        embd_pdrop=c.dropout, resid_pdrop=c.dropout, attn_pdrop=c.dropout, **{k: getattr(c, k) for k in SHARED_CONFIG_KEYS}
+        embd_pdrop=c.dropout, resid_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_word_embeddings,
+        **{k: getattr(c, k) for k in SHARED_CONFIG_KEYS},
     )
     gpt2 = GPT2LMHeadModel(config)
     missing, unexpected = gpt2.load_state_dict(_transpose_conv1d(model.state_dict()), strict=False)

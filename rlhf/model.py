@@ -232,7 +232,7 @@ class RlhfModel(RlhfPreTrainedModel):
             mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         for block in self.h:
-            x = block(x, mask, cache)
+            x = block(x, mask, cache=cache)  # by keyword: checkpointing drops a cache passed so
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), cache=cache)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ def trainer_arguments(args_class: type, config: TrainingConfig, stage_dir: Path,
     cuda = torch.cuda.is_available()
     scheduler_kwargs = {"min_lr": config.min_lr} if config.lr_schedule == "cosine" else {}
     eval_strategy = "steps" if has_eval and config.eval_every else "no"
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     return args_class(
         output_dir=str(stage_dir / CHECKPOINTS),
         max_steps=config.max_steps,
@@ -51,7 +53,8 @@ def trainer_arguments(args_class: type, config: TrainingConfig, stage_dir: Path,
         adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2,
         max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else None,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        optim="adamw_torch_fused",  # fused kernels on CPU too (torch >= 2.4)
+        gradient_checkpointing=config.gradient_checkpointing,
         tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
         eval_strategy=eval_strategy,
         eval_steps=config.eval_every or None,

@@ -236,12 +236,6 @@ def test_gradient_checkpointing_matches(kwargs, tiny_config) -> None:
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch.utils.checkpoint.CheckpointError,
-    reason="library bug: Block gets the cache positionally, so checkpointing does not drop it and "
-    "the backward recompute appends to it again",
-)
 def test_gradient_checkpointing_with_use_cache(tiny_config) -> None:
     """GPT-2 (and GradientCheckpointingLayer for a `cache=` keyword) drop the cache when training
     with checkpointing; a caller passing use_cache=True must still get correct gradients."""

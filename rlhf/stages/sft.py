@@ -1,0 +1,125 @@
+"""Stage `sft`: supervised fine-tuning of the pretrained model on demonstrations, on TRL's `SFTTrainer`.
+
+Loss on the completion only: assistant turns for conversational `messages` data (TRL's
+`assistant_only_loss`, driven by the chat template's generation markers), the completion for
+`prompt`/`completion` data. With `lora`, PEFT adapters are trained and merged into the saved
+model, so later stages load a plain model. If a judge is configured, the pretrained and the
+fine-tuned policies answer the held-out prompts greedily and both scores are reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rlhf.config import SFTConfig
+from rlhf.data import check_prompt_rows, check_sft_rows, read_rows, split_tail
+from rlhf.stages import StageContext
+
+UPSTREAM = ("pretrain",)
+
+
+def inputs(config: SFTConfig) -> list[str]:
+    return [config.data] + ([config.eval_prompts] if config.eval_prompts else [])
+
+
+def rendered_lengths(tokenizer, rows: list[dict], data_format: str) -> list[int]:
+    """Token count of each example as the trainer will see it."""
+    from rlhf.responses import prompt_messages
+
+    lengths = []
+    for row in rows:
+        if data_format == "messages":
+            messages = row["messages"]
+        else:
+            completion = row["completion"]
+            completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+            messages = prompt_messages(row["prompt"]) + completion
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return lengths
+
+
+def judge_policy(model, tokenizer, config: SFTConfig, prompts: list, judge, seed: int) -> float:
+    from rlhf.responses import judge_mean, sample_responses
+
+    responses = sample_responses(model, tokenizer, prompts, config.max_new_tokens, temperature=0.0, seed=seed)
+    return judge_mean(judge, prompts, responses)
+
+
+def run(ctx: StageContext) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    import rlhf.model  # noqa: F401  (registers the Auto classes)
+    from rlhf.responses import load_function
+    from rlhf.training import train, trainer_arguments
+
+    config: SFTConfig = ctx.config
+
+    # 1. Read and check the demonstrations (and judge prompts); hold out the last rows.
+    rows = read_rows(config.data)
+    data_format = check_sft_rows(config.data, rows)
+    train_rows, eval_rows = split_tail(rows, config.eval_fraction)
+    judge, judge_prompts = None, []
+    if config.judge:
+        judge = load_function(config.judge)
+        prompt_rows = read_rows(config.eval_prompts)
+        check_prompt_rows(config.eval_prompts, prompt_rows)
+        judge_prompts = [row["prompt"] for row in prompt_rows]
+
+    # 2. Load the pretrained model and tokenizer; count examples the context cannot hold.
+    pretrained = ctx.upstream("pretrain")
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    model = AutoModelForCausalLM.from_pretrained(pretrained)
+    max_length = config.max_length or model.config.n_positions
+    too_long = sum(n > max_length for n in rendered_lengths(tokenizer, rows, data_format))
+    if too_long:
+        print(f"sft: {too_long} of {len(rows)} examples exceed max_length {max_length} tokens and are truncated")
+    out_dir = ctx.begin()
+    metrics: dict = {"examples": len(rows), "truncated_examples": too_long}
+    if judge:
+        metrics["judge_before"] = judge_policy(model, tokenizer, config, judge_prompts, judge, ctx.seed)
+
+    # 3. Fine-tune on TRL's SFTTrainer, loss on completions only, optionally through LoRA.
+    columns = ["messages"] if data_format == "messages" else ["prompt", "completion"]
+    to_dataset = lambda part: Dataset.from_list([{c: row[c] for c in columns} for row in part])  # noqa: E731
+    args = trainer_arguments(
+        TRLSFTConfig, config, out_dir, ctx.seed, has_eval=True,
+        max_length=max_length, assistant_only_loss=data_format == "messages",
+    )  # fmt: skip
+    peft_config = None
+    if config.lora:
+        lora = config.lora
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=to_dataset(train_rows), eval_dataset=to_dataset(eval_rows),
+        processing_class=tokenizer, peft_config=peft_config,
+    )  # fmt: skip
+    seconds = train(trainer, out_dir, ctx.fingerprint)
+    evaluation = trainer.evaluate()
+
+    # 4. Merge adapters, judge the fine-tuned policy, save.
+    model = trainer.model.merge_and_unload() if config.lora else trainer.model
+    if judge:
+        metrics["judge_after"] = judge_policy(model, tokenizer, config, judge_prompts, judge, ctx.seed)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    metrics.update(
+        eval_loss=evaluation["eval_loss"], eval_perplexity=math.exp(evaluation["eval_loss"]),
+        eval_accuracy=evaluation.get("eval_mean_token_accuracy"), train_seconds=round(seconds, 1),
+        steps=trainer.state.global_step,
+    )  # fmt: skip
+    print(
+        f"sft: {metrics['steps']} steps in {seconds:.1f} s; held-out completion loss {metrics['eval_loss']:.4f}, "
+        f"perplexity {metrics['eval_perplexity']:.2f}, next-token accuracy {metrics['eval_accuracy']:.3f}"
+    )
+    if judge:
+        print(
+            f"sft: judge score on {len(judge_prompts)} held-out prompts (greedy): pretrained "
+            f"{metrics['judge_before']:.3f} -> SFT {metrics['judge_after']:.3f}"
+        )
+    return metrics
