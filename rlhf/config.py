@@ -140,6 +140,10 @@ class PretrainConfig(TrainingConfig):
     """Shape of the decoder trained from scratch."""
     block_size: int = 0
     """Tokens per packed training block; 0 means the model's context (n_positions)."""
+    text_column: str = "text"
+    """Column holding the text in tabular files (e.g. 'chosen' for hh-rlhf dialogues)."""
+    exclude_last_rows: int = 0
+    """Rows at the end of each tabular file left out (keep a later stage's test split unseen)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -184,7 +188,35 @@ class SFTConfig(TrainingConfig):
         _check(self.max_length >= 0, f"max_length: must be >= 0, got {self.max_length}")
 
 
-STAGE_CONFIGS: dict[str, type] = {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig}
+@dataclass
+class RewardConfig(TrainingConfig):
+    data: str = ""
+    """Preference pairs: prompt + chosen + rejected, chosen + rejected, messages, or hh-rlhf dialogue strings."""
+    init: str = "sft"
+    """Stage whose model initialises the backbone and whose policy samples the normalisation responses."""
+    max_length: int = 0
+    """Longest tokenized prompt + response; 0 means the model's context. Longer pairs are counted and left out."""
+    eval_rows: int = 0
+    """Hold out exactly the last this many rows (a fixed test split); 0 uses eval_fraction."""
+    center_rewards_coefficient: float = 0.0
+    """Weight of the auxiliary loss pulling rewards toward 0 (reward centring); 0 disables it."""
+    norm_prompts: int = 256
+    """Training prompts the init policy answers to compute the normalisation mean and std."""
+    norm_max_new_tokens: int = 48
+    """Response length limit for those samples."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(bool(self.data), "data: give a file")
+        _check(self.init in ("sft", "pretrain"), f"init: must be 'sft' or 'pretrain', got {self.init!r}")
+        _check(self.max_length >= 0 and self.eval_rows >= 0, "max_length and eval_rows: must be >= 0")
+        _check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient: must be >= 0")
+        _check(self.norm_prompts > 1, f"norm_prompts: must be > 1, got {self.norm_prompts}")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+}  # fmt: skip
 
 
 @dataclass

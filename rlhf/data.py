@@ -7,6 +7,7 @@ JSONL) and what is wrong, raised before any training starts.
 from __future__ import annotations
 
 import gzip
+import re
 import json
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,11 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_text_documents(paths: list[str]) -> list[str]:
-    """Documents for language modelling: a .txt file is one document; tabular files give their 'text' column."""
+def read_text_documents(paths: list[str], column: str = "text", exclude_last_rows: int = 0) -> list[str]:
+    """Documents for language modelling: a .txt file is one document; tabular files give one column.
+
+    hh-rlhf dialogue strings are kept as they are (their 'Human:'/'Assistant:' text is the corpus).
+    """
     documents = []
     for name in paths:
         path = Path(name)
@@ -95,10 +99,11 @@ def read_text_documents(paths: list[str]) -> list[str]:
                 raise DataError(f"{path}: empty file")
             documents.append(text)
             continue
-        for number, row in enumerate(read_rows(path), start=1):
-            text = row.get("text")
+        rows = read_rows(path)
+        for number, row in enumerate(rows[: len(rows) - exclude_last_rows], start=1):
+            text = row.get(column)
             if not isinstance(text, str):
-                raise DataError(f"{path}: row {number}: expected a string column 'text', got keys {sorted(row)}")
+                raise DataError(f"{path}: row {number}: expected a string column '{column}', got keys {sorted(row)}")
             if text.strip():
                 documents.append(text)
     return documents
@@ -171,3 +176,59 @@ def split_tail(rows: list, fraction: float) -> tuple[list, list]:
         raise DataError(f"need at least 2 rows to hold some out for evaluation, got {len(rows)}")
     held = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
     return rows[:-held], rows[-held:]
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def is_hh_dialogue(value: Any) -> bool:
+    """hh-rlhf's dialogue strings: '\\n\\nHuman: ...\\n\\nAssistant: ...'."""
+    return isinstance(value, str) and value.startswith("\n\nHuman:")
+
+
+def hh_to_messages(dialogue: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}]."""
+    parts = HH_TURN.split(dialogue)[1:]  # [speaker, text, speaker, text, ...]
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[speaker], "content": text.strip()} for speaker, text in zip(parts[::2], parts[1::2])]
+
+
+def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], int]:
+    """Check preference rows and bring them to TRL's formats; returns (pairs, skipped).
+
+    Accepted: explicit prompt + chosen + rejected, implicit chosen + rejected (strings or message
+    lists), optional numeric 'margin'; hh-rlhf dialogue strings become conversational explicit
+    pairs (shared turns as the prompt). hh-rlhf pairs whose final answer is empty are skipped
+    and counted; anywhere else an empty response is an error.
+    """
+    pairs, skipped = [], 0
+    for number, row in enumerate(rows, start=1):
+        where = f"{path}: row {number}"
+        for column in ("chosen", "rejected"):
+            if column not in row:
+                raise DataError(f"{where}: missing column '{column}' (got {sorted(row)})")
+        pair = {key: row[key] for key in ("prompt", "chosen", "rejected", "margin") if key in row}
+        prompt_last_role: str | None = "user"
+        if is_hh_dialogue(row["chosen"]) and is_hh_dialogue(row["rejected"]):
+            chosen, rejected = hh_to_messages(row["chosen"]), hh_to_messages(row["rejected"])
+            if not chosen[-1]["content"] or not rejected[-1]["content"] or chosen[-1]["role"] != "assistant":
+                skipped += 1
+                continue
+            pair.update(prompt=chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:])
+            prompt_last_role = None  # real dialogues sometimes hold two turns of one speaker in a row
+        if "margin" in pair and (isinstance(pair["margin"], bool) or not isinstance(pair["margin"], (int, float))):
+            raise DataError(f"{where}: margin must be a number, got {pair['margin']!r}")
+        if "prompt" in pair:
+            if isinstance(pair["prompt"], str):
+                _check_text_or_messages(pair["prompt"], f"{where}: prompt", "user")
+            else:
+                check_messages(pair["prompt"], f"{where}: prompt", prompt_last_role)
+        for column in ("chosen", "rejected"):
+            last = "assistant" if not isinstance(pair[column], str) else None
+            _check_text_or_messages(pair[column], f"{where}: {column}", last or "assistant")
+        if pair["chosen"] == pair["rejected"]:
+            raise DataError(f"{where}: chosen and rejected are identical")
+        pairs.append(pair)
+    if not pairs:
+        raise DataError(f"{path}: no usable preference pairs")
+    return pairs, skipped

@@ -47,7 +47,7 @@ def fingerprint(config: PipelineConfig, name: str, run_dir: Path) -> tuple[str, 
     """(fingerprint, the facts it hashes) for stage `name`."""
     module = stage_module(name)
     upstream = {}
-    for parent in module.UPSTREAM:
+    for parent in module.upstream(config.stages[name]):
         manifest = read_manifest(run_dir / parent)
         upstream[parent] = sha256_json(manifest.get("outputs")) if manifest and manifest.get("status") == "complete" else None
     facts = {

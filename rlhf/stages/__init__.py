@@ -1,6 +1,6 @@
 """Stage recipes. Each module defines:
 
-    UPSTREAM: tuple[str, ...]          stages whose outputs it reads
+    def upstream(config) -> tuple[str, ...]   stages whose outputs it reads
     def inputs(config) -> list[str]    data files it reads (hashed into the fingerprint)
     def run(ctx: StageContext) -> dict final metrics (kept in the manifest)
 

@@ -14,7 +14,8 @@ from rlhf.data import read_text_documents
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
-UPSTREAM = ("tokenizer",)
+def upstream(config) -> tuple[str, ...]:
+    return ("tokenizer",)
 
 
 def inputs(config: PretrainConfig) -> list[str]:
@@ -49,7 +50,7 @@ def run(ctx: StageContext) -> dict:
     block_size = config.block_size or config.model.n_positions
 
     # 1. Read the corpus and the tokenizer; hold out the tail of the token stream.
-    documents = read_text_documents(config.data)
+    documents = read_text_documents(config.data, config.text_column, config.exclude_last_rows)
     tokenizer = AutoTokenizer.from_pretrained(ctx.upstream("tokenizer"))
     stream = token_stream(tokenizer, documents)
     held_out = max(block_size, int(len(stream) * config.eval_fraction))

@@ -15,7 +15,8 @@ from rlhf.config import SFTConfig
 from rlhf.data import check_prompt_rows, check_sft_rows, read_rows, split_tail
 from rlhf.stages import StageContext
 
-UPSTREAM = ("pretrain",)
+def upstream(config) -> tuple[str, ...]:
+    return ("pretrain",)
 
 
 def inputs(config: SFTConfig) -> list[str]:

@@ -8,7 +8,8 @@ from rlhf.config import TokenizerConfig
 from rlhf.data import all_strings, read_rows, read_text_documents
 from rlhf.stages import StageContext
 
-UPSTREAM: tuple[str, ...] = ()
+def upstream(config) -> tuple[str, ...]:
+    return ()
 
 
 def inputs(config: TokenizerConfig) -> list[str]:

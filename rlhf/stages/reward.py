@@ -1,0 +1,130 @@
+"""Stage `reward`: a reward model on preference pairs, on TRL's `RewardTrainer`.
+
+The scalar-head model starts from the `init` stage's backbone (SFT by default), dropout off, and
+learns a Bradley-Terry loss (minus an optional per-pair margin; optional reward centring). A
+sequence's reward is the score at its last non-pad token. After training it reports held-out
+pairwise accuracy and mean margin, then normalises: the init policy answers training prompts,
+and the mean and standard deviation of their scores go into the saved config, so downstream
+scores are mean 0, std 1 under that policy (as in OpenAI's original RLHF work).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+from rlhf.config import RewardConfig
+from rlhf.data import preference_pairs, read_rows
+from rlhf.stages import StageContext
+
+
+def upstream(config: RewardConfig) -> tuple[str, ...]:
+    return (config.init,)
+
+
+def inputs(config: RewardConfig) -> list[str]:
+    return [config.data]
+
+
+def split_rows(rows: list, config: RewardConfig) -> tuple[list, list]:
+    from rlhf.data import split_tail
+
+    if config.eval_rows:
+        return rows[: -config.eval_rows], rows[-config.eval_rows :]
+    return split_tail(rows, config.eval_fraction)
+
+
+def pair_lengths(tokenizer, pair: dict) -> int:
+    """Tokens of the longer side of a pair, rendered as the trainer renders it."""
+    from rlhf.scoring import render_conversation
+
+    texts = [render_conversation(tokenizer, pair.get("prompt"), pair[side]) for side in ("chosen", "rejected")]
+    return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def pair_accuracy(scorer, pairs: list[dict]) -> tuple[float, float]:
+    """(share of pairs where chosen outscores rejected, mean raw margin)."""
+    prompts = [p.get("prompt") for p in pairs]
+    chosen = scorer.score(prompts, [p["chosen"] for p in pairs], normalised=False)
+    rejected = scorer.score(prompts, [p["rejected"] for p in pairs], normalised=False)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return sum(m > 0 for m in margins) / len(margins), statistics.fmean(margins)
+
+
+def run(ctx: StageContext) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    import rlhf.model  # noqa: F401  (registers the Auto classes)
+    from rlhf.model import set_dropout
+    from rlhf.responses import sample_responses
+    from rlhf.scoring import RewardScorer
+    from rlhf.training import train, trainer_arguments
+
+    config: RewardConfig = ctx.config
+
+    # 1. Read and check the pairs; split before conversion so the test rows are fixed.
+    rows = read_rows(config.data)
+    train_rows, eval_rows = split_rows(rows, config)
+    train_pairs, skipped_train = preference_pairs(config.data, train_rows)
+    eval_pairs, skipped_eval = preference_pairs(config.data, eval_rows)
+    if skipped_train or skipped_eval:
+        print(f"reward: skipped {skipped_train + skipped_eval} hh-rlhf pairs whose final answer is empty")
+
+    # 2. Load the init backbone; count pairs the context cannot hold (the trainer leaves them out).
+    init_dir = ctx.upstream(config.init)
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(init_dir, num_labels=1)
+    set_dropout(model, 0.0)
+    max_length = config.max_length or model.config.n_positions
+    too_long = sum(pair_lengths(tokenizer, p) > max_length for p in train_pairs)
+    if too_long:
+        print(f"reward: {too_long} of {len(train_pairs)} training pairs exceed max_length {max_length} and are left out")
+    out_dir = ctx.begin()
+
+    # 3. Train with TRL's RewardTrainer (Bradley-Terry, optional margin and centring).
+    args = trainer_arguments(
+        TRLRewardConfig, config, out_dir, ctx.seed, has_eval=True, max_length=max_length,
+        center_rewards_coefficient=config.center_rewards_coefficient or None, disable_dropout=True,
+    )  # fmt: skip
+    trainer = RewardTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_pairs), eval_dataset=Dataset.from_list(eval_pairs),
+    )  # fmt: skip
+    seconds = train(trainer, out_dir, ctx.fingerprint)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    # 4. Held-out accuracy and margin, scored exactly as downstream tools score.
+    scorer = RewardScorer(out_dir)
+    accuracy, margin = pair_accuracy(scorer, eval_pairs)
+
+    # 5. Normalise under the init policy's own responses to training prompts.
+    prompts = [p["prompt"] for p in train_pairs if "prompt" in p]
+    if len(prompts) >= 2:
+        random.Random(ctx.seed).shuffle(prompts)
+        prompts = prompts[: config.norm_prompts]
+        policy = AutoModelForCausalLM.from_pretrained(init_dir).to(scorer.device)
+        responses = sample_responses(policy, tokenizer, prompts, config.norm_max_new_tokens, temperature=1.0, seed=ctx.seed)
+        raw = scorer.score(prompts, responses, normalised=False)
+        source = f"{len(prompts)} responses of the {config.init} policy"
+    else:  # implicit text pairs: no prompts to answer, so normalise over the training texts
+        raw = scorer.score([None] * len(train_pairs), [p["chosen"] for p in train_pairs], normalised=False)
+        source = f"{len(raw)} chosen training texts"
+    model.config.reward_mean, model.config.reward_std = statistics.fmean(raw), statistics.pstdev(raw) or 1.0
+    model.config.save_pretrained(out_dir)
+
+    metrics = {
+        "eval_accuracy": accuracy, "eval_margin": margin, "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
+        "too_long_pairs": too_long, "skipped_empty_pairs": skipped_train + skipped_eval,
+        "reward_mean": model.config.reward_mean, "reward_std": model.config.reward_std,
+        "train_seconds": round(seconds, 1), "steps": trainer.state.global_step,
+    }  # fmt: skip
+    print(
+        f"reward: {metrics['steps']} steps in {seconds:.1f} s; held-out pairwise accuracy {accuracy:.3f} "
+        f"on {len(eval_pairs)} pairs, mean margin {margin:.3f}; normalised over {source} "
+        f"(mean {model.config.reward_mean:.3f}, std {model.config.reward_std:.3f})"
+    )
+    return metrics
