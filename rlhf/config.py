@@ -214,8 +214,89 @@ class RewardConfig(TrainingConfig):
         _check(self.norm_prompts > 1, f"norm_prompts: must be > 1, got {self.norm_prompts}")
 
 
+@dataclass
+class PPOConfig:
+    prompts: str = ""
+    """Prompts to answer ('prompt' column: a string or a conversation ending with the user)."""
+    steps: int = 100
+    """Rollout-and-update iterations."""
+    rollout_batch_size: int = 64
+    """Prompts answered per iteration (per process)."""
+    minibatch_size: int = 16
+    """Rollouts per optimizer step (per process), before gradient accumulation."""
+    grad_accum: int = 1
+    """Minibatches accumulated per optimizer step."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch, minibatches reshuffled every pass."""
+    lr: float = 3e-4
+    """Peak learning rate of the policy (AdamW)."""
+    value_lr: float = 0.0
+    """Peak learning rate of the value model; 0 means lr."""
+    lr_schedule: str = "linear"
+    """'linear' (to 0 over all optimizer steps), 'cosine' (to 0) or 'constant', after warm-up."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (each model); 0 disables it."""
+    max_new_tokens: int = 40
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature; the log-probabilities PPO trains on use the same scaled logits."""
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty (initial value when adaptive)."""
+    kl_estimator: str = "k1"
+    """'k1' (log-ratio, unbiased) or 'k3' (Schulman's non-negative estimator)."""
+    kl_target: float = 0.0
+    """If > 0, beta adapts toward this mean KL per sequence over kl_horizon episodes (Ziegler et al.)."""
+    kl_horizon: int = 10000
+    """Episodes over which the adaptive controller closes the KL gap."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    clip_range: float = 0.2
+    """PPO ratio clipping."""
+    clip_range_value: float = 0.2
+    """Value clipping around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (the value model has its own optimizer; this scales its gradient)."""
+    whiten_rewards: bool = False
+    """Whiten the KL-penalised rewards (keeping their mean) before GAE."""
+    missing_eos_penalty: float = -1.0
+    """Score given (in normalised reward units) to a response that never emits the stop token."""
+    reward_functions: list[str] = field(default_factory=list)
+    """Extra 'module:function' rewards taking (prompts, responses) texts, added to the score."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters on the policy; the reference is the policy with adapters disabled."""
+    eval_prompts: str = ""
+    """Held-out prompts scored before and after PPO (judge, reward model, KL to the reference)."""
+    judge: str = ""
+    """Optional 'module:function' judge for the held-out evaluation, e.g. 'rlhf.demo_task:gold_judge'."""
+    save_every: int = 20
+    """Write a resumable checkpoint every this many iterations."""
+    amp: str = "auto"
+    """Mixed precision: 'auto' (bf16 on CUDA where supported, else fp16), 'bf16', 'fp16', 'off'; fp32 on CPU."""
+
+    def __post_init__(self):
+        _check(bool(self.prompts), "prompts: give a file")
+        for name in ("steps", "rollout_batch_size", "minibatch_size", "grad_accum", "ppo_epochs", "max_new_tokens", "save_every"):
+            _check(getattr(self, name) > 0, f"{name}: must be positive, got {getattr(self, name)}")
+        _check(self.rollout_batch_size % (self.minibatch_size * self.grad_accum) == 0,
+               "rollout_batch_size must be a multiple of minibatch_size * grad_accum")  # fmt: skip
+        _check(self.lr > 0 and self.value_lr >= 0, "lr: must be positive (value_lr >= 0)")
+        _check(self.lr_schedule in ("cosine", "linear", "constant"), f"lr_schedule: unknown {self.lr_schedule!r}")
+        _check(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
+        _check(self.kl_coef >= 0, f"kl_coef: must be >= 0, got {self.kl_coef}")
+        _check(self.kl_estimator in ("k1", "k3"), f"kl_estimator: must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        _check(self.kl_target >= 0 and self.kl_horizon > 0, "kl_target must be >= 0 and kl_horizon positive")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")
+        _check(self.clip_range > 0 and self.clip_range_value > 0, "clip_range and clip_range_value: must be positive")
+        _check(bool(self.eval_prompts) or not self.judge, "judge: needs eval_prompts")
+        _check(self.amp in ("auto", "bf16", "fp16", "off"), f"amp: unknown {self.amp!r}")
+
+
 STAGE_CONFIGS: dict[str, type] = {
-    "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+    "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig,
 }  # fmt: skip
 
 

@@ -1,0 +1,190 @@
+"""PPO with a KL penalty on `accelerate`: rollouts, rewards, advantages, clipped updates.
+
+The maths lives in `rlhf.ppo_math` (pure functions); this module wires it to models:
+`make_rollout` samples responses with our KV-cache engine and turns them into a `Rollout`
+(reference log-probs, normalised reward-model scores, values, KL-penalised rewards, whitened GAE
+advantages); `ppo_update` runs the clipped policy and value losses over reshuffled minibatches.
+
+Conventions: the policy's log-probabilities are those of the temperature-scaled logits it sampled
+from; `logits[:, P - 1 : -1]` predict the response tokens `sequences[:, P:]` (P = prompt width);
+values are read at the same positions (the state before each response token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from rlhf.generation import generate, left_pad
+from rlhf.ppo_math import (
+    KL_ESTIMATORS,
+    Rollout,
+    entropy_from_logits,
+    explained_variance,
+    gae_advantages,
+    kl_penalised_rewards,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    policy_loss_clipped,
+    value_loss_clipped,
+)
+
+
+@dataclass
+class PPOModels:
+    policy: torch.nn.Module
+    """Causal LM being trained (possibly a PEFT model)."""
+    value: torch.nn.Module
+    """Scalar-head model trained alongside (initialised from the reward model)."""
+    reward: torch.nn.Module
+    """Frozen reward model; its config holds the normalisation statistics."""
+    reference: torch.nn.Module | None
+    """Frozen copy of the initial policy; None with LoRA (the policy with adapters disabled)."""
+    tokenizer: Any
+
+
+def reference_context(models: PPOModels):
+    """The reference policy: the frozen copy, or the LoRA policy with its adapters disabled."""
+    if models.reference is not None:
+        return contextlib.nullcontext(models.reference)
+    policy = models.policy.module if hasattr(models.policy, "module") else models.policy
+
+    @contextlib.contextmanager
+    def disabled():
+        with policy.disable_adapter():
+            yield policy
+
+    return disabled()
+
+
+def response_logprobs(model, sequences, attention_mask, prompt_length: int, temperature: float):
+    """(log-probs (B, T), entropy (B, T)) of the response tokens under temperature-scaled logits."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, prompt_length - 1 : -1]  # (B, T, V)
+    logits = logits.float() / temperature
+    return logprobs_from_logits(logits, sequences[:, prompt_length:]), entropy_from_logits(logits)
+
+
+def response_values(value_model, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
+    """Values (B, T) of the states before each response token."""
+    token_scores = value_model(input_ids=sequences, attention_mask=attention_mask).token_scores  # (B, P + T, 1)
+    return token_scores[:, prompt_length - 1 : -1, 0].float()
+
+
+def normalised_scores(reward_model, sequences, attention_mask) -> torch.Tensor:
+    """Reward-model scores (B,) at each sequence's last real token, normalised to the SFT policy's statistics."""
+    raw = reward_model(input_ids=sequences, attention_mask=attention_mask).logits[:, 0].float()
+    return (raw - reward_model.config.reward_mean) / reward_model.config.reward_std
+
+
+@torch.no_grad()
+def make_rollout(
+    models: PPOModels,
+    prompt_tokens: list[list[int]],
+    prompt_texts: list[str],
+    config,
+    beta: float,
+    generator: torch.Generator,
+    reward_functions: list[Callable] = (),
+) -> tuple[Rollout, dict[str, float]]:
+    """Sample, score and evaluate one batch of prompts; returns the rollout and its statistics."""
+    from rlhf.responses import decode_responses
+
+    tokenizer, device = models.tokenizer, next(models.policy.parameters()).device
+    policy = models.policy.module if hasattr(models.policy, "module") else models.policy
+    clock = time.perf_counter()
+
+    # 1. Sample responses; the engine returns the sampling log-probabilities.
+    ids, mask = left_pad(prompt_tokens, tokenizer.pad_token_id, device)
+    sample = generate(
+        policy, ids, mask, config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        temperature=config.temperature, generator=generator,
+    )  # fmt: skip
+    sequences, attention, response_mask, P = sample.sequences, sample.attention_mask, sample.response_mask, sample.prompt_length
+    generation_seconds = time.perf_counter() - clock
+
+    # 2. Score: normalised reward model, penalty for a missing stop token, programmatic rewards.
+    clock = time.perf_counter()
+    rm_scores = normalised_scores(models.reward, sequences, attention)
+    scores = torch.where(sample.stopped, rm_scores, torch.full_like(rm_scores, config.missing_eos_penalty))
+    if reward_functions:
+        responses = decode_responses(tokenizer, sample.responses, response_mask)
+        for function in reward_functions:
+            scores = scores + torch.tensor(function(prompt_texts, responses), dtype=scores.dtype, device=device)
+
+    # 3. Reference log-probabilities and values.
+    with reference_context(models) as reference:
+        ref_logprobs, _ = response_logprobs(reference, sequences, attention, P, config.temperature)
+    values = response_values(models.value, sequences, attention, P)
+    scoring_seconds = time.perf_counter() - clock
+
+    # 4. Per-token KL penalty, the score at the last token, then whitened GAE advantages.
+    kl = KL_ESTIMATORS[config.kl_estimator](sample.logprobs, ref_logprobs)
+    rewards, non_score = kl_penalised_rewards(scores, kl, response_mask, beta)
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+    advantages, returns = gae_advantages(rewards, values, response_mask, config.gamma, config.lam)
+    advantages = masked_whiten(advantages, response_mask)
+
+    rollout = Rollout(
+        query_responses=sequences, attention_mask=attention, response_mask=response_mask,
+        logprobs=sample.logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
+        rewards=rewards, advantages=advantages, returns=returns, prompt_length=P,
+    )  # fmt: skip
+    kl_per_sequence = (kl * response_mask).sum(-1)
+    stats = {
+        "score": scores.mean().item(),
+        "rm_score": rm_scores.mean().item(),
+        "reward": (scores + non_score.sum(-1)).mean().item(),
+        "kl": kl_per_sequence.mean().item(),
+        "beta": beta,
+        "response_length": response_mask.sum(-1).float().mean().item(),
+        "stopped": sample.stopped.float().mean().item(),
+        "explained_variance": explained_variance(values, returns, response_mask).item(),
+        "time_generate": generation_seconds,
+        "time_score": scoring_seconds,
+    }
+    return rollout, stats
+
+
+def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimizers, schedulers, generator) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped policy and value updates over reshuffled minibatches."""
+    clock = time.perf_counter()
+    totals: dict[str, list[float]] = {}
+    per_step = config.minibatch_size * config.grad_accum
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(len(rollout), generator=generator)
+        for start in range(0, len(rollout), per_step):
+            for micro in range(config.grad_accum):
+                index = order[start + micro * config.minibatch_size : start + (micro + 1) * config.minibatch_size]
+                batch = rollout.select(index.to(rollout.scores.device))
+                with accelerator.autocast():
+                    logprobs, entropy = response_logprobs(
+                        models.policy, batch.query_responses, batch.attention_mask, batch.prompt_length, config.temperature
+                    )
+                    values = response_values(models.value, batch.query_responses, batch.attention_mask, batch.prompt_length)
+                policy_loss, policy_stats = policy_loss_clipped(
+                    logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range
+                )
+                value_loss, value_stats = value_loss_clipped(
+                    values, batch.values, batch.returns, batch.response_mask, config.clip_range_value
+                )
+                accelerator.backward((policy_loss + config.vf_coef * value_loss) / config.grad_accum)
+                stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                         "entropy": masked_mean(entropy, batch.response_mask).item(), **policy_stats, **value_stats}  # fmt: skip
+                for key, value in stats.items():
+                    totals.setdefault(key, []).append(float(value))
+            for model, optimizer, scheduler in zip((models.policy, models.value), optimizers, schedulers):
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+    result = {key: sum(values) / len(values) for key, values in totals.items()}
+    result["ratio_max"] = max(totals["ratio_max"])
+    result["time_update"] = time.perf_counter() - clock
+    return result
