@@ -40,6 +40,29 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from rlhf.errors import UserError
+
+    if not (Path(args.reward) / "config.json").is_file():
+        raise UserError(f"{args.reward}: not a reward model directory (no config.json)")
+    if args.out and Path(args.out).suffix not in (".jsonl", ".csv"):
+        raise UserError(f"{args.out}: output must end in .jsonl or .csv")
+    from rlhf.scoring import RewardScorer, score_file, write_rows
+
+    scorer = RewardScorer(args.reward, batch_size=args.batch_size)
+    rows, summary = score_file(scorer, args.data)
+    if args.out:
+        write_rows(rows, args.out)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    print(f"{'':10}{'count':>7}{'mean':>9}{'std':>9}{'min':>9}{'p25':>9}{'median':>9}{'p75':>9}{'max':>9}")
+    for name, stats in summary.items():
+        if isinstance(stats, dict):
+            print(f"{name:10}{stats['count']:7d}" + "".join(f"{stats[k]:9.3f}" for k in ("mean", "std", "min", "p25", "median", "p75", "max")))
+    if "accuracy" in summary:
+        print(f"pairwise accuracy: {summary['accuracy']:.4f}")
+    print("(scores normalised to mean 0, std 1 under the SFT policy; raw scores in the *_raw columns)")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from rlhf.demo_task import write_data_samples
 
@@ -71,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--to-gpt2", metavar="SRC", help="our model directory to convert to GPT2LMHeadModel")
     convert.add_argument("--out", required=True, metavar="DST", help="output directory (save_pretrained layout)")
     convert.set_defaults(handler=cmd_convert)
+
+    score = commands.add_parser("score", help="score a data file's responses (or preference pairs) with a reward model")
+    score.add_argument("--reward", required=True, metavar="DIR", help="reward model directory (e.g. runs/demo/reward)")
+    score.add_argument("--data", required=True, metavar="FILE", help="JSONL/JSON/Parquet/CSV: prompt + response, or chosen + rejected")
+    score.add_argument("--out", metavar="FILE", help="write the rows with their scores (.jsonl or .csv)")
+    score.add_argument("--batch-size", type=int, default=32)
+    score.set_defaults(handler=cmd_score)
 
     demo = commands.add_parser("demo-data", help="regenerate the demo task's data files (data_samples/)")
     demo.add_argument("out", nargs="?", default="data_samples")

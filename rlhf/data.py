@@ -125,7 +125,7 @@ def check_messages(messages: Any, where: str, last_role: str | None = None) -> N
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: expected a non-empty list of messages")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) < {"role", "content"}:
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise DataError(f"{where}[{i}]: expected {{'role': ..., 'content': ...}}")
         if message["role"] not in ROLES:
             raise DataError(f"{where}[{i}]: unknown role {message['role']!r} (use {', '.join(ROLES)})")
@@ -193,15 +193,15 @@ def hh_to_messages(dialogue: str) -> list[dict]:
     return [{"role": roles[speaker], "content": text.strip()} for speaker, text in zip(parts[::2], parts[1::2])]
 
 
-def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], int]:
-    """Check preference rows and bring them to TRL's formats; returns (pairs, skipped).
+def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], list[int]]:
+    """Check preference rows and bring them to TRL's formats; returns (pairs, indices of skipped rows).
 
     Accepted: explicit prompt + chosen + rejected, implicit chosen + rejected (strings or message
     lists), optional numeric 'margin'; hh-rlhf dialogue strings become conversational explicit
     pairs (shared turns as the prompt). hh-rlhf pairs whose final answer is empty are skipped
     and counted; anywhere else an empty response is an error.
     """
-    pairs, skipped = [], 0
+    pairs, skipped = [], []
     for number, row in enumerate(rows, start=1):
         where = f"{path}: row {number}"
         for column in ("chosen", "rejected"):
@@ -212,7 +212,7 @@ def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], in
         if is_hh_dialogue(row["chosen"]) and is_hh_dialogue(row["rejected"]):
             chosen, rejected = hh_to_messages(row["chosen"]), hh_to_messages(row["rejected"])
             if not chosen[-1]["content"] or not rejected[-1]["content"] or chosen[-1]["role"] != "assistant":
-                skipped += 1
+                skipped.append(number - 1)
                 continue
             pair.update(prompt=chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:])
             prompt_last_role = None  # real dialogues sometimes hold two turns of one speaker in a row

@@ -71,3 +71,76 @@ class RewardScorer:
         texts = [render_conversation(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         raw = self.score_texts(texts, progress=progress)
         return self.normalise(raw) if normalised else raw
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    """count, mean, std and quantiles of a list of scores."""
+    import statistics
+
+    ordered = sorted(values)
+
+    def quantile(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return {
+        "count": len(values), "mean": statistics.fmean(values), "std": statistics.pstdev(values),
+        "min": ordered[0], "p25": quantile(0.25), "median": quantile(0.5), "p75": quantile(0.75), "max": ordered[-1],
+    }  # fmt: skip
+
+
+def score_file(scorer: RewardScorer, data: str | Path, progress: bool = True) -> tuple[list[dict], dict]:
+    """Score every row of a data file: (output rows with the input columns plus scores, summary).
+
+    prompt + response rows get `score` (normalised) and `score_raw`; chosen/rejected rows get both
+    sides' scores, and the summary adds pairwise accuracy.
+    """
+    from rlhf.data import preference_pairs, read_rows
+    from rlhf.errors import DataError
+
+    rows = read_rows(data)
+    first = rows[0]
+    if "chosen" in first and "rejected" in first:
+        pairs, skipped = preference_pairs(data, rows)
+        rows = [row for index, row in enumerate(rows) if index not in set(skipped)]
+        prompts = [p.get("prompt") for p in pairs]
+        raw = scorer.score(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                           normalised=False, progress=progress)  # fmt: skip
+        chosen, rejected = raw[: len(pairs)], raw[len(pairs) :]
+        out = []
+        for row, c, r in zip(rows, chosen, rejected):
+            (c_norm, r_norm) = scorer.normalise([c, r])
+            out.append({**row, "chosen_score": c_norm, "rejected_score": r_norm, "chosen_score_raw": c, "rejected_score_raw": r})
+        summary = {"chosen": summarise(scorer.normalise(chosen)), "rejected": summarise(scorer.normalise(rejected)),
+                   "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs), "skipped_empty_pairs": len(skipped)}  # fmt: skip
+        return out, summary
+    if "prompt" in first and "response" in first:
+        for number, row in enumerate(rows, start=1):
+            if "prompt" not in row or "response" not in row:
+                raise DataError(f"{data}: row {number}: missing column 'prompt' or 'response'")
+        raw = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], normalised=False, progress=progress)
+        normalised = scorer.normalise(raw)
+        out = [{**row, "score": s, "score_raw": r} for row, s, r in zip(rows, normalised, raw)]
+        return out, {"score": summarise(normalised)}
+    raise DataError(f"{data}: row 1: expected 'prompt' and 'response' columns or 'chosen' and 'rejected', got {sorted(first)}")
+
+
+def write_rows(rows: list[dict], path: str | Path) -> None:
+    """JSONL, or CSV when the name ends in .csv (non-string cells as JSON)."""
+    import csv
+    import io
+    import json
+
+    from rlhf.artifacts import atomic_write_text
+
+    path = Path(path)
+    if path.suffix == ".csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v if isinstance(v, (str, int, float)) else json.dumps(v, ensure_ascii=False) for k, v in row.items()})
+        atomic_write_text(path, buffer.getvalue())
+    else:
+        atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

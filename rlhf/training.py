@@ -96,6 +96,10 @@ def resume_point(stage_dir: Path, fingerprint: str) -> str | None:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, fingerprint)
+    # A kill during a save leaves a folder without trainer_state.json (written last): not resumable.
+    for folder in root.glob("checkpoint-*"):
+        if not (folder / "trainer_state.json").is_file():
+            shutil.rmtree(folder)
     last = get_last_checkpoint(str(root))
     if last is None:
         (stage_dir / "metrics.jsonl").unlink(missing_ok=True)

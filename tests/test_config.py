@@ -283,11 +283,6 @@ def test_yaml_syntax_error_names_file(tmp_path, text) -> None:
     assert str(path) in message and "YAML" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rlhf/config.py load_pipeline keeps only the first line of the YAMLError, which drops "
-    "PyYAML's 'line N, column M' location",
-)
 def test_yaml_syntax_error_names_line(tmp_path) -> None:
     message = config_error(write(tmp_path, "run_dir: x\nseed: 0\n  stages: 1\n"))
     assert "line 3" in message

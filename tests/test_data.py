@@ -231,11 +231,6 @@ def test_sft_bad_messages_name_row_and_message(messages, words) -> None:
     sft_error([GOOD_MESSAGES, {"messages": messages}], "row 2", *words)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rlhf/data.py check_messages tests `set(message) < {'role', 'content'}` (strict subset), so a "
-    "message with another key instead of 'content' or 'role' reaches message['content'] and raises KeyError",
-)
 @pytest.mark.parametrize(
     "message", [{"role": "user", "text": "Hi?"}, {"text": "Hi?"}, {"role": "user", "contents": "Hi?", "x": 1}]
 )

@@ -379,11 +379,6 @@ def test_resume_from_kept_checkpoint_after_outputs_deleted(base, tmp_path, capsy
     check_resumed(base, run_dir, out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rlhf/training.py resume_point takes get_last_checkpoint() as is: a checkpoint folder left half "
-    "written by a kill during saving (no trainer_state.json) is resumed and Trainer.train raises FileNotFoundError",
-)
 def test_half_written_last_checkpoint_is_not_resumed(base, tmp_path, capsys) -> None:
     run_dir = clone(base, tmp_path)
     stage = run_dir / "pretrain"
@@ -487,11 +482,6 @@ def test_missing_data_file_is_an_error(base, tmp_path, capsys) -> None:
     assert snapshot(run_dir) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rlhf/stages/sft.py does not check max_length against the pretrained model's n_positions: the "
-    "first long batch raises ValueError in RlhfModel.forward, after ctx.begin() removed the sft manifest",
-)
 def test_sft_max_length_beyond_model_context_is_a_user_error(base, tmp_path, capsys) -> None:
     run_dir = clone(base, tmp_path)
     before = snapshot(run_dir)

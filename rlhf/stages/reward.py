@@ -15,6 +15,7 @@ import statistics
 
 from rlhf.config import RewardConfig
 from rlhf.data import preference_pairs, read_rows
+from rlhf.errors import ConfigError
 from rlhf.stages import StageContext
 
 
@@ -70,8 +71,9 @@ def run(ctx: StageContext) -> dict:
     train_rows, eval_rows = split_rows(rows, config)
     train_pairs, skipped_train = preference_pairs(config.data, train_rows)
     eval_pairs, skipped_eval = preference_pairs(config.data, eval_rows)
-    if skipped_train or skipped_eval:
-        print(f"reward: skipped {skipped_train + skipped_eval} hh-rlhf pairs whose final answer is empty")
+    skipped = len(skipped_train) + len(skipped_eval)
+    if skipped:
+        print(f"reward: skipped {skipped} hh-rlhf pairs whose final answer is empty")
 
     # 2. Load the init backbone; count pairs the context cannot hold (the trainer leaves them out).
     init_dir = ctx.upstream(config.init)
@@ -79,6 +81,8 @@ def run(ctx: StageContext) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(init_dir, num_labels=1)
     set_dropout(model, 0.0)
     max_length = config.max_length or model.config.n_positions
+    if max_length > model.config.n_positions:
+        raise ConfigError(f"reward.max_length {max_length} exceeds the model's context ({model.config.n_positions})")
     too_long = sum(pair_lengths(tokenizer, p) > max_length for p in train_pairs)
     if too_long:
         print(f"reward: {too_long} of {len(train_pairs)} training pairs exceed max_length {max_length} and are left out")
@@ -118,7 +122,7 @@ def run(ctx: StageContext) -> dict:
 
     metrics = {
         "eval_accuracy": accuracy, "eval_margin": margin, "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
-        "too_long_pairs": too_long, "skipped_empty_pairs": skipped_train + skipped_eval,
+        "too_long_pairs": too_long, "skipped_empty_pairs": skipped,
         "reward_mean": model.config.reward_mean, "reward_std": model.config.reward_std,
         "train_seconds": round(seconds, 1), "steps": trainer.state.global_step,
     }  # fmt: skip

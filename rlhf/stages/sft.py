@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from rlhf.config import SFTConfig
+from rlhf.errors import ConfigError
 from rlhf.data import check_prompt_rows, check_sft_rows, read_rows, split_tail
 from rlhf.stages import StageContext
 
@@ -76,6 +77,8 @@ def run(ctx: StageContext) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
     model = AutoModelForCausalLM.from_pretrained(pretrained)
     max_length = config.max_length or model.config.n_positions
+    if max_length > model.config.n_positions:
+        raise ConfigError(f"sft.max_length {max_length} exceeds the pretrained model's context ({model.config.n_positions})")
     too_long = sum(n > max_length for n in rendered_lengths(tokenizer, rows, data_format))
     if too_long:
         print(f"sft: {too_long} of {len(rows)} examples exceed max_length {max_length} tokens and are truncated")
