@@ -25,15 +25,18 @@ from rlhf.generation import generate
 from rlhf.model import RlhfConfig, RlhfForCausalLM
 
 
-def median_seconds(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns: list, warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each function, run in turns so that drift (heat, other load) hits all alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def train_step_fn(model, batch):
@@ -62,7 +65,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -79,8 +82,7 @@ def main() -> None:
     # Training: each model trains its own copy from the same weights on the same batch.
     batch = torch.randint(0, args.vocab, (args.train_batch, args.context))
     tokens_per_step = batch.numel()
-    train_ours = median_seconds(train_step_fn(ours, batch), args.warmup, args.repeats)
-    train_gpt2 = median_seconds(train_step_fn(gpt2, batch), args.warmup, args.repeats)
+    train_ours, train_gpt2 = interleaved_medians([train_step_fn(ours, batch), train_step_fn(gpt2, batch)], args.warmup, args.repeats)
 
     # Generation: same weights again (training moved them), same prompts, no early stop.
     gpt2 = rlhf_to_gpt2(ours).eval()
@@ -100,8 +102,7 @@ def main() -> None:
                           do_sample=True, top_k=0, pad_token_id=0)  # fmt: skip
 
     gen_tokens = args.gen_batch * args.new_tokens
-    gen_ours_s = median_seconds(gen_ours, 1, args.repeats)
-    gen_gpt2_s = median_seconds(gen_gpt2, 1, args.repeats)
+    gen_ours_s, gen_gpt2_s = interleaved_medians([gen_ours, gen_gpt2], 1, args.repeats)
 
     rows = [
         ("train step (tokens/s)", tokens_per_step / train_gpt2, tokens_per_step / train_ours),
