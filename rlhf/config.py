@@ -44,6 +44,8 @@ class TokenizerConfig:
     """'bpe' (byte-level BPE) or 'char' (one token per character, byte fallback for unseen ones)."""
     vocab_size: int = 2048
     """Vocabulary size for 'bpe', special tokens and the 256 byte tokens included. Ignored for 'char'."""
+    exclude_last_rows: int = 0
+    """Rows at the end of each tabular file left out (keep a later stage's test split unseen)."""
 
     def __post_init__(self):
         _check(len(self.data) > 0, "data: give at least one file")
@@ -399,9 +401,16 @@ def apply_override(tree: dict, assignment: str, source: str) -> None:
     node[leaf] = yaml.safe_load(raw) if raw else ""
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = (), run_dir: str | None = None) -> PipelineConfig:
-    """Parse a pipeline YAML (plus `key.path=value` overrides) into typed configs."""
-    path = Path(path)
+def deep_merge(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_tree(path: Path, seen: tuple = ()) -> dict:
+    """A pipeline YAML as a mapping; `extends: other.yaml` (relative to this file) starts from another."""
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:
@@ -413,6 +422,21 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), run_dir: str | No
         raise ConfigError(f"{path}: {where}not valid YAML: {problem}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a file name")
+    parent_path = path.parent / parent
+    if parent_path.resolve() in seen:
+        raise ConfigError(f"{path}: extends: {parent} includes itself")
+    return deep_merge(read_tree(parent_path, seen + (path.resolve(),)), tree)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = (), run_dir: str | None = None) -> PipelineConfig:
+    """Parse a pipeline YAML (plus `key.path=value` overrides) into typed configs."""
+    path = Path(path)
+    tree = read_tree(path)
     for assignment in overrides:
         apply_override(tree, assignment, str(path))
     stages_tree = tree.pop("stages", None) or {}

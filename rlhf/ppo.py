@@ -90,8 +90,13 @@ def make_rollout(
     beta: float,
     generator: torch.Generator,
     reward_functions: list[Callable] = (),
+    judge: Callable | None = None,
 ) -> tuple[Rollout, dict[str, float]]:
-    """Sample, score and evaluate one batch of prompts; returns the rollout and its statistics."""
+    """Sample, score and evaluate one batch of prompts; returns the rollout and its statistics.
+
+    `judge` (prompts, responses) -> scores is only logged (e.g. the demo's gold judge beside the
+    reward model's score, to watch for reward hacking); `reward_functions` are added to the score.
+    """
     from rlhf.responses import decode_responses
 
     tokenizer, device = models.tokenizer, next(models.policy.parameters()).device
@@ -111,8 +116,8 @@ def make_rollout(
     clock = time.perf_counter()
     rm_scores = normalised_scores(models.reward, sequences, attention)
     scores = torch.where(sample.stopped, rm_scores, torch.full_like(rm_scores, config.missing_eos_penalty))
+    responses = decode_responses(tokenizer, sample.responses, response_mask) if reward_functions or judge else []
     if reward_functions:
-        responses = decode_responses(tokenizer, sample.responses, response_mask)
         for function in reward_functions:
             scores = scores + torch.tensor(function(prompt_texts, responses), dtype=scores.dtype, device=device)
 
@@ -145,6 +150,7 @@ def make_rollout(
         "response_length": response_mask.sum(-1).float().mean().item(),
         "stopped": sample.stopped.float().mean().item(),
         "explained_variance": explained_variance(values, returns, response_mask).item(),
+        **({"judge": sum(judge(prompt_texts, responses)) / len(responses)} if judge else {}),
         "time_generate": generation_seconds,
         "time_score": scoring_seconds,
     }

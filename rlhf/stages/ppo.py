@@ -199,7 +199,7 @@ def run(ctx: StageContext) -> dict:
         generator = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + step)
         rollout, stats = make_rollout(
             models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
-            config, controller.value, generator, reward_functions,
+            config, controller.value, generator, reward_functions, judge,
         )  # fmt: skip
         # 4b. Clipped policy and value updates over reshuffled minibatches.
         shuffle = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)

@@ -26,7 +26,8 @@ def run(ctx: StageContext) -> dict:
         if Path(name).suffix == ".txt":
             texts += read_text_documents([name])
         else:
-            texts += [s for row in read_rows(name) for s in all_strings(row)]
+            rows = read_rows(name)
+            texts += [s for row in rows[: len(rows) - config.exclude_last_rows] for s in all_strings(row)]
     # 2. Train and save.
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, kind=config.kind)
     save_tokenizer(tokenizer, ctx.begin())
