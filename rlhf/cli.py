@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from rlhf.errors import UserError
 
+    def terminated(signum, frame):  # SIGTERM ends a run like Ctrl-C: lock released, checkpoints kept
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         args.handler(args)
     except UserError as error:
