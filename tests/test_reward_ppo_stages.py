@@ -1,0 +1,287 @@
+"""The reward and PPO stages end to end on the CPU, in a tiny pipeline (tokenizer -> pretrain -> sft
+-> reward -> ppo): the reward model's held-out accuracy and stored normalisation, PPO's logged
+columns and saved models, resuming PPO from its checkpoint along the same curve, and the KL
+controller (fixed 0 as in demo_no_kl, adaptive toward a target).
+
+One run is made per module (`base`); tests that change a run work on a copy of its directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
+from rlhf.cli import main
+
+# Tiny policies give noisy k1 estimates; the stage's negative-KL warning is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo")
+WEIGHT_ATOL = 1e-5  # a resumed run must reproduce the uninterrupted one's weights to float32 rounding
+METRIC_ATOL = 1e-5
+PPO_STEPS = 4
+ROLLOUT = 8
+PPO_COLUMNS = (
+    "step", "score", "rm_score", "kl", "beta", "entropy", "response_length", "stopped", "policy_loss", "value_loss",
+    "clipfrac", "value_clipfrac", "approx_kl", "explained_variance", "time_generate", "time_score", "time_update", "judge",
+)  # fmt: skip
+
+
+def write_pipeline(folder: Path) -> Path:
+    """Tiny versions of the demo's five stages on subsets of data_samples/ written inside `folder`."""
+    samples = ROOT / "data_samples"
+    subsets = {"corpus.txt": 400, "sft.jsonl": 64, "preferences.jsonl": 48, "ppo_prompts.jsonl": 16, "eval.jsonl": 8}
+    for name, lines in subsets.items():
+        text = (samples / name).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        (folder / name).write_text("".join(text), encoding="utf-8")
+    common = dict(eval_batch_size=8, lr=1.0e-3, log_every=1, save_every=100)
+    tree = {
+        "run_dir": str(folder / "run"),
+        "seed": 0,
+        "stages": {
+            "tokenizer": {"data": [str(folder / "corpus.txt")], "vocab_size": 300},
+            "pretrain": {"data": [str(folder / "corpus.txt")], "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64},
+                         "max_steps": 4, "batch_size": 4, **common},
+            "sft": {"data": str(folder / "sft.jsonl"), "max_steps": 3, "batch_size": 4, **common},
+            "reward": {"data": str(folder / "preferences.jsonl"), "max_steps": 3, "batch_size": 4, "eval_rows": 8,
+                       "norm_prompts": 8, "norm_max_new_tokens": 8, **common},
+            "ppo": {"prompts": str(folder / "ppo_prompts.jsonl"), "steps": PPO_STEPS, "rollout_batch_size": ROLLOUT,
+                    "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8, "save_every": 2,
+                    "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge"},
+        },
+    }  # fmt: skip
+    path = folder / "tiny_rlhf.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rlhf")
+    pipeline = write_pipeline(folder)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", str(pipeline)])
+    assert code == 0, err.getvalue()[-3000:]
+    return SimpleNamespace(pipeline=str(pipeline), run_dir=folder / "run", folder=folder, out=out.getvalue())
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main(["run", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def clone(base, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(base.run_dir, target)
+    return target
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[name] - wb[name]).abs().max().item() for name in wa)
+
+
+# ----------------------------------------------------------------------------- reward stage
+
+
+def test_all_five_stages_complete(base) -> None:
+    for stage in STAGES:
+        assert f"[{stage}] running" in base.out and f"[{stage}] done" in base.out
+        manifest = read_manifest(base.run_dir / stage)
+        assert manifest["status"] == "complete" and verify_outputs(base.run_dir / stage, manifest) is None
+    assert read_manifest(base.run_dir / "ppo")["upstream"].keys() == {"sft", "reward"}
+    assert read_manifest(base.run_dir / "reward")["upstream"].keys() == {"sft"}
+
+
+def test_reward_metrics_and_stored_normalisation(base) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.model import RlhfForSequenceClassification
+
+    metrics = read_manifest(base.run_dir / "reward")["metrics"]
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["eval_pairs"] == 8 and metrics["train_pairs"] == 40
+    assert metrics["steps"] == 3 and math.isfinite(metrics["eval_margin"])
+    stored = json.loads((base.run_dir / "reward" / "config.json").read_text(encoding="utf-8"))
+    assert stored["reward_mean"] == pytest.approx(metrics["reward_mean"])
+    assert stored["reward_std"] == pytest.approx(metrics["reward_std"])
+    assert math.isfinite(stored["reward_mean"]) and stored["reward_std"] > 0
+    model = AutoModelForSequenceClassification.from_pretrained(base.run_dir / "reward")
+    assert isinstance(model, RlhfForSequenceClassification) and model.config.num_labels == 1
+    assert model.config.reward_std == pytest.approx(metrics["reward_std"])
+    assert "held-out pairwise accuracy" in base.out
+
+
+def test_reward_accuracy_rescored_from_the_saved_model(base) -> None:
+    """The manifest's accuracy is what RewardScorer gives on the last 8 rows (the held-out split)."""
+    from rlhf.data import preference_pairs, read_rows
+    from rlhf.scoring import RewardScorer
+
+    data = base.folder / "preferences.jsonl"
+    pairs, _ = preference_pairs(data, read_rows(data)[-8:])
+    scorer = RewardScorer(base.run_dir / "reward", device="cpu")
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scorer.score(prompts, [p["chosen"] for p in pairs], normalised=False)
+    rejected = scorer.score(prompts, [p["rejected"] for p in pairs], normalised=False)
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+    assert read_manifest(base.run_dir / "reward")["metrics"]["eval_accuracy"] == pytest.approx(accuracy)
+
+
+# ----------------------------------------------------------------------------- ppo stage
+
+
+def test_ppo_logs_every_iteration(base) -> None:
+    rows = read_metrics(base.run_dir / "ppo")
+    assert [row["step"] for row in rows] == list(range(1, PPO_STEPS + 1))
+    for row in rows:
+        missing = [key for key in PPO_COLUMNS if key not in row]
+        assert not missing, f"step {row['step']}: missing {missing}"
+        for key in PPO_COLUMNS:
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), f"step {row['step']}: {key}={row[key]!r}"
+        assert row["episodes"] == row["step"] * ROLLOUT
+        assert row["beta"] == pytest.approx(0.05), "default fixed kl_coef"
+        assert 0 < row["response_length"] <= 8 and 0 <= row["stopped"] <= 1 and 0 <= row["judge"] <= 1
+        assert 0 <= row["clipfrac"] <= 1 and 0 <= row["value_clipfrac"] <= 1
+    assert abs(rows[0]["kl"]) < 1e-5, "iteration 1 samples from the untouched policy: KL to the reference is 0"
+
+
+def test_ppo_saves_policy_value_and_evaluation(base) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf.model import RlhfForCausalLM, RlhfForSequenceClassification
+
+    ppo = base.run_dir / "ppo"
+    policy = AutoModelForCausalLM.from_pretrained(ppo)
+    assert isinstance(policy, RlhfForCausalLM)
+    assert (ppo / "tokenizer.json").is_file()
+    assert (ppo / "value").is_dir()
+    value = AutoModelForSequenceClassification.from_pretrained(ppo / "value")
+    assert isinstance(value, RlhfForSequenceClassification)
+    sft = weights(base.run_dir / "sft" / "model.safetensors")
+    assert any(not torch.equal(p, sft[name]) for name, p in weights(ppo / "model.safetensors").items()), "PPO changed the policy"
+    manifest = read_manifest(ppo)
+    assert "value/model.safetensors" in manifest["outputs"]
+    assert not [name for name in manifest["outputs"] if name.startswith("checkpoints/")]
+    metrics = manifest["metrics"]
+    for key in ("eval_judge", "eval_judge_sft", "eval_kl", "eval_rm_score", "eval_rm_score_sft"):
+        assert isinstance(metrics.get(key), float), f"{key}: {metrics.get(key)!r}"
+    assert 0 <= metrics["eval_judge"] <= 1 and 0 <= metrics["eval_judge_sft"] <= 1
+    assert metrics["eval_kl_sft"] == pytest.approx(0.0, abs=1e-5), "the SFT policy's KL to itself"
+    assert metrics["iterations"] == PPO_STEPS and metrics["episodes"] == PPO_STEPS * ROLLOUT
+    assert (ppo / "checkpoints" / "step-2").is_dir() and not (ppo / "checkpoints" / "step-4").exists()
+
+
+def interrupted_copy(base, tmp_path: Path) -> Path:
+    """A copy of the run as if PPO had been stopped after its step-2 checkpoint."""
+    run_dir = clone(base, tmp_path)
+    ppo = run_dir / "ppo"
+    (ppo / "manifest.json").unlink()
+    (ppo / "model.safetensors").unlink()
+    shutil.rmtree(ppo / "checkpoints" / "step-4", ignore_errors=True)
+    assert (ppo / "checkpoints" / "step-2" / "state.json").is_file()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def resumed(base, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("resumed")
+    run_dir = interrupted_copy(base, tmp_path)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", base.pipeline, "--run-dir", str(run_dir)])
+    assert code == 0, err.getvalue()[-3000:]
+    return SimpleNamespace(run_dir=run_dir, out=out.getvalue())
+
+
+def test_ppo_resumes_from_checkpoint_along_the_same_curve(base, resumed) -> None:
+    out = resumed.out
+    assert "resuming from" in out and "step-2" in out, out[-2000:]
+    for stage in ("tokenizer", "pretrain", "sft", "reward"):
+        assert f"[{stage}] up to date" in out
+    assert read_manifest(resumed.run_dir / "ppo")["status"] == "complete"
+    diff = max_weight_diff(resumed.run_dir / "ppo" / "model.safetensors", base.run_dir / "ppo" / "model.safetensors")
+    assert diff <= WEIGHT_ATOL, f"resumed policy differs from the uninterrupted run's: max |diff| {diff:.3g} > atol {WEIGHT_ATOL}"
+    diff = max_weight_diff(resumed.run_dir / "ppo" / "value" / "model.safetensors", base.run_dir / "ppo" / "value" / "model.safetensors")
+    assert diff <= WEIGHT_ATOL, f"resumed value model differs: max |diff| {diff:.3g} > atol {WEIGHT_ATOL}"
+    original, again = read_metrics(base.run_dir / "ppo"), read_metrics(resumed.run_dir / "ppo")
+    assert [row["step"] for row in again] == list(range(1, PPO_STEPS + 1)), "steps 3-4 logged once, after resuming"
+    assert again[:2] == original[:2], "rows before the checkpoint are kept as they were"
+    for new, old in zip(again[2:], original[2:]):
+        for key in ("score", "rm_score", "kl", "beta", "judge", "response_length", "policy_loss", "value_loss", "lr"):
+            assert new[key] == pytest.approx(old[key], abs=METRIC_ATOL), f"step {new['step']} {key}: {new[key]} vs {old[key]} (atol {METRIC_ATOL})"
+
+
+def test_resumed_eval_metrics_equal_the_uninterrupted_run(base, resumed) -> None:
+    original = read_manifest(base.run_dir / "ppo")["metrics"]
+    again = read_manifest(resumed.run_dir / "ppo")["metrics"]
+    for key in ("eval_judge", "eval_kl", "eval_rm_score", "beta", "iterations"):
+        assert again[key] == pytest.approx(original[key], abs=METRIC_ATOL), key
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rlhf/stages/ppo.py run(): `before = evaluate() if eval_prompts and start_step == 0 else None`, so a "
+    "resumed PPO stage never evaluates the SFT policy and its manifest lacks eval_*_sft (eval_judge_sft, eval_kl_sft, ...)",
+)
+def test_resumed_manifest_keeps_the_sft_baseline(base, resumed) -> None:
+    original = read_manifest(base.run_dir / "ppo")["metrics"]
+    again = read_manifest(resumed.run_dir / "ppo")["metrics"]
+    baseline = sorted(key for key in original if key.endswith("_sft"))
+    assert baseline, "the uninterrupted run reports the SFT baseline"
+    assert {key: again.get(key) for key in baseline} == pytest.approx({key: original[key] for key in baseline}, abs=METRIC_ATOL)
+
+
+# ----------------------------------------------------------------------------- KL controller
+
+
+def test_kl_coef_0_and_target_0_keep_beta_at_0(base, tmp_path, capsys) -> None:
+    run_dir = clone(base, tmp_path)
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo",
+                         "stages.ppo.kl_coef=0", "stages.ppo.kl_target=0", "stages.ppo.steps=3")  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert "resuming from" not in out, "a checkpoint of another config is not resumed"
+    rows = read_metrics(run_dir / "ppo")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["beta"] for row in rows] == [0.0, 0.0, 0.0]
+    for row in rows:
+        assert row["reward"] == pytest.approx(row["score"], abs=1e-6), "no KL penalty: reward is the score"
+    assert read_manifest(run_dir / "ppo")["metrics"]["beta"] == 0.0
+
+
+def test_adaptive_kl_moves_beta_toward_target(base, tmp_path, capsys) -> None:
+    run_dir = clone(base, tmp_path)
+    target, horizon = 0.5, 40
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo",
+                         f"stages.ppo.kl_target={target}", f"stages.ppo.kl_horizon={horizon}")  # fmt: skip
+    assert code == 0, err[-3000:]
+    rows = read_metrics(run_dir / "ppo")
+    betas = [row["beta"] for row in rows]
+    assert betas[0] == pytest.approx(0.05), "starts at kl_coef"
+    assert len(set(betas)) == len(betas), f"beta changes every iteration: {betas}"
+    # Each iteration's beta follows from the previous one and its KL (Ziegler et al.'s controller).
+    expected = [betas[0]]
+    for row in rows:
+        error = min(max(row["kl"] / target - 1.0, -0.2), 0.2)
+        expected.append(expected[-1] * (1.0 + error * ROLLOUT / horizon))
+    assert betas == pytest.approx(expected[:-1], rel=1e-9)
+    assert read_manifest(run_dir / "ppo")["metrics"]["beta"] == pytest.approx(expected[-1], rel=1e-9)
