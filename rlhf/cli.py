@@ -44,8 +44,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from rlhf.errors import UserError
 
-    if not (Path(args.reward) / "config.json").is_file():
+    config_file = Path(args.reward) / "config.json"
+    if not config_file.is_file():
         raise UserError(f"{args.reward}: not a reward model directory (no config.json)")
+    import json
+
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    if "RlhfForSequenceClassification" not in architectures:
+        raise UserError(f"{args.reward}: not a reward model ({', '.join(architectures) or 'unknown architecture'}); "
+                        "use the reward stage's output, e.g. runs/demo/reward")  # fmt: skip
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.out and Path(args.out).suffix not in (".jsonl", ".csv"):
         raise UserError(f"{args.out}: output must end in .jsonl or .csv")
     from rlhf.scoring import RewardScorer, score_file, write_rows

@@ -291,6 +291,7 @@ class PPOConfig:
         _check(self.kl_coef >= 0, f"kl_coef: must be >= 0, got {self.kl_coef}")
         _check(self.kl_estimator in ("k1", "k3"), f"kl_estimator: must be 'k1' or 'k3', got {self.kl_estimator!r}")
         _check(self.kl_target >= 0 and self.kl_horizon > 0, "kl_target must be >= 0 and kl_horizon positive")
+        _check(self.kl_target == 0 or self.kl_coef > 0, "kl_target: an adaptive beta needs a positive kl_coef to start from")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")
         _check(self.clip_range > 0 and self.clip_range_value > 0, "clip_range and clip_range_value: must be positive")
         _check(bool(self.eval_prompts) or not self.judge, "judge: needs eval_prompts")

@@ -137,7 +137,8 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
     path = Path(path)
     if path.suffix == ".csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, first-seen order
+        writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: v if isinstance(v, (str, int, float)) else json.dumps(v, ensure_ascii=False) for k, v in row.items()})

@@ -238,11 +238,6 @@ def test_resumed_eval_metrics_equal_the_uninterrupted_run(base, resumed) -> None
         assert again[key] == pytest.approx(original[key], abs=METRIC_ATOL), key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rlhf/stages/ppo.py run(): `before = evaluate() if eval_prompts and start_step == 0 else None`, so a "
-    "resumed PPO stage never evaluates the SFT policy and its manifest lacks eval_*_sft (eval_judge_sft, eval_kl_sft, ...)",
-)
 def test_resumed_manifest_keeps_the_sft_baseline(base, resumed) -> None:
     original = read_manifest(base.run_dir / "ppo")["metrics"]
     again = read_manifest(resumed.run_dir / "ppo")["metrics"]

@@ -50,7 +50,7 @@ def scheduler(optimizer, config: PPOConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
 
-def save_checkpoint(folder: Path, models, optimizers, schedulers, controller, step: int) -> None:
+def save_checkpoint(folder: Path, models, optimizers, schedulers, controller, step: int, baseline: dict | None) -> None:
     """Weights as safetensors, optimizer tensors via torch.save (read back with weights_only), state as JSON."""
     import torch
     from safetensors.torch import save_model
@@ -63,11 +63,13 @@ def save_checkpoint(folder: Path, models, optimizers, schedulers, controller, st
     save_model(models.value, str(temporary / "value.safetensors"))
     torch.save({"optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers]},
                temporary / "optimizers.pt")  # fmt: skip
-    atomic_write_text(temporary / "state.json", json.dumps({"step": step, "kl_controller": controller.state_dict()}))
+    state = {"step": step, "kl_controller": controller.state_dict(), "sft_evaluation": baseline}
+    atomic_write_text(temporary / "state.json", json.dumps(state))
     temporary.rename(folder)  # a checkpoint folder exists only once complete
 
 
-def load_checkpoint(folder: Path, models, optimizers, schedulers, controller) -> int:
+def load_checkpoint(folder: Path, models, optimizers, schedulers, controller) -> tuple[int, dict | None]:
+    """Restore a checkpoint; returns (iteration, the SFT policy's held-out evaluation)."""
     import torch
     from safetensors.torch import load_model
 
@@ -80,7 +82,7 @@ def load_checkpoint(folder: Path, models, optimizers, schedulers, controller) ->
         sched.load_state_dict(state)
     state = json.loads((folder / "state.json").read_text())
     controller.load_state_dict(state["kl_controller"])
-    return state["step"]
+    return state["step"], state.get("sft_evaluation")
 
 
 def latest_checkpoint(root: Path, fingerprint: str) -> Path | None:
@@ -165,10 +167,10 @@ def run(ctx: StageContext) -> dict:
     controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                   if config.kl_target > 0 else FixedKLController(config.kl_coef))  # fmt: skip
     checkpoints = out_dir / CHECKPOINTS
-    start_step = 0
+    start_step, before = 0, None
     last = latest_checkpoint(checkpoints, ctx.fingerprint)
     if last is not None:
-        start_step = load_checkpoint(last, models, optimizers, schedulers, controller)
+        start_step, before = load_checkpoint(last, models, optimizers, schedulers, controller)
         truncate_metrics(out_dir, start_step)
         print(f"ppo: resuming from {last} (iteration {start_step})")
     else:
@@ -187,7 +189,8 @@ def run(ctx: StageContext) -> dict:
             result["judge"] = samples.mean("judge_scores")
         return result
 
-    before = evaluate() if eval_prompts and start_step == 0 else None
+    if eval_prompts and start_step == 0:
+        before = evaluate()
 
     # 4. The PPO loop: rollout, update, log, checkpoint.
     encoded = encode_prompts(tokenizer, prompts)
@@ -216,7 +219,7 @@ def run(ctx: StageContext) -> dict:
             warnings.warn(f"ppo iteration {step + 1}: importance ratio reached {stats['ratio_max']:.1f}; lower lr or clip_range")
         progress.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{controller.value:.3f}")
         if (step + 1) % config.save_every == 0 and step + 1 < config.steps and accelerator.is_main_process:
-            save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizers, schedulers, controller, step + 1)
+            save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizers, schedulers, controller, step + 1, before)
 
     # 5. Evaluate on held-out prompts; save the policy (adapters merged) and the value model.
     metrics: dict = {"iterations": config.steps, "episodes": config.steps * config.rollout_batch_size, "beta": controller.value}
