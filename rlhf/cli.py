@@ -73,6 +73,20 @@ def cmd_score(args: argparse.Namespace) -> None:
     print("(scores normalised to mean 0, std 1 under the SFT policy; raw scores in the *_raw columns)")
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from rlhf.errors import UserError
+
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"{args.run_dir}: no such run directory")
+    from rlhf.plots import plot_run
+
+    written = plot_run(args.run_dir)
+    if not written:
+        raise UserError(f"{args.run_dir}: no stage has logged metrics (metrics.jsonl) yet")
+    for path in written:
+        print(f"wrote {path}")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from rlhf.demo_task import write_data_samples
 
@@ -111,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", metavar="FILE", help="write the rows with their scores (.jsonl or .csv)")
     score.add_argument("--batch-size", type=int, default=32)
     score.set_defaults(handler=cmd_score)
+
+    plot = commands.add_parser("plot", help="draw every stage's metrics into PNG curves (<run_dir>/plots/)")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.set_defaults(handler=cmd_plot)
 
     demo = commands.add_parser("demo-data", help="regenerate the demo task's data files (data_samples/)")
     demo.add_argument("out", nargs="?", default="data_samples")

@@ -1,0 +1,67 @@
+"""PNG curves of every stage's metrics.jsonl: one figure per stage, one panel per metric."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rlhf.artifacts import read_metrics
+from rlhf.config import STAGE_ORDER
+
+NOT_CURVES = {"step", "epoch", "time", "episodes", "num_tokens", "total_flos"}
+X_LABELS = {"ppo": "PPO iteration"}
+
+
+def metric_series(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """Numeric metric -> (steps, values), in first-logged order; eval rows and train rows alike."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in NOT_CURVES or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            steps, values = series.setdefault(key, ([], []))
+            steps.append(row.get("step", len(steps)))
+            values.append(value)
+    return series
+
+
+def plot_stage(stage_dir: Path, out: Path) -> Path | None:
+    """Draw one stage's metrics into `out` (PNG); None when the stage logged nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: v for k, v in metric_series(read_metrics(stage_dir)).items() if len(v[0]) > 1}
+    if not series:
+        return None
+    columns = min(4, len(series))
+    rows = math.ceil(len(series) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    x_label = X_LABELS.get(stage_dir.name, "optimizer step")
+    for axis, (name, (steps, values)) in zip(axes.flat, sorted(series.items())):
+        axis.plot(steps, values, marker="." if len(steps) < 30 else None)
+        axis.set_title(name)
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(series) :]:
+        axis.set_visible(False)
+    figure.suptitle(f"{stage_dir.parent.name}: stage '{stage_dir.name}'")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """`<run_dir>/plots/<stage>.png` for every stage that logged metrics."""
+    run_dir = Path(run_dir)
+    written = []
+    for stage in STAGE_ORDER:
+        if (run_dir / stage / "metrics.jsonl").is_file():
+            path = plot_stage(run_dir / stage, run_dir / "plots" / f"{stage}.png")
+            if path:
+                written.append(path)
+    return written
