@@ -87,7 +87,8 @@ def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | N
                 raise ArtifactError(f"{run_dir / missing[0]}: upstream stage '{missing[0]}' has not completed; run it first")
             print(f"[{name}] running")
             started, clock = now(), time.perf_counter()
-            context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint)
+            completed_before = bool(manifest and manifest.get("status") == "complete")
+            context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint, fresh=completed_before)
             metrics = stage_module(name).run(context)
             seconds = time.perf_counter() - clock
             write_manifest(

@@ -85,14 +85,15 @@ class MetricsFile(TrainerCallback):
             append_metrics(self.stage_dir, row)
 
 
-def resume_point(stage_dir: Path, fingerprint: str) -> str | None:
+def resume_point(stage_dir: Path, fingerprint: str, fresh: bool = False) -> str | None:
     """The last checkpoint of an interrupted run with the same fingerprint, else None.
 
-    Checkpoints written under another config or other inputs are deleted rather than resumed.
+    Checkpoints written under another config or other inputs, or by a run that completed (`fresh`),
+    are deleted rather than resumed.
     """
     root = stage_dir / CHECKPOINTS
     stamp = root / "fingerprint"
-    if root.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+    if root.is_dir() and (fresh or not stamp.is_file() or stamp.read_text().strip() != fingerprint):
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, fingerprint)
@@ -110,9 +111,10 @@ def resume_point(stage_dir: Path, fingerprint: str) -> str | None:
     return last
 
 
-def train(trainer, stage_dir: Path, fingerprint: str) -> float:
-    """Run (or resume) `trainer.train()`; returns wall seconds."""
+def train(trainer, ctx) -> float:
+    """Run (or resume) `trainer.train()` for stage context `ctx`; returns wall seconds."""
+    stage_dir = ctx.out_dir
     trainer.add_callback(MetricsFile(stage_dir))
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_point(stage_dir, fingerprint))
+    trainer.train(resume_from_checkpoint=resume_point(stage_dir, ctx.fingerprint, ctx.fresh))
     return time.perf_counter() - started

@@ -270,6 +270,10 @@ def test_force_reruns_everything(base, tmp_path, capsys) -> None:
     for stage in STAGES:
         assert f"[{stage}] running" in out
     assert "up to date" not in out
+    # A completed stage's checkpoints are not "resumed" (that would train nothing): it trains again.
+    assert "resuming from" not in out
+    for stage in ("pretrain", "sft"):
+        assert loss_steps(run_dir / stage) == loss_steps(base.run_dir / stage)
     # Same config, same seed: the same weights.
     assert_same_weights(run_dir / "sft", base.run_dir / "sft")
 

@@ -27,6 +27,8 @@ class StageContext:
     seed: int
     fingerprint: str
     """Hash of config, inputs and upstream outputs: checkpoints from another fingerprint are not resumed."""
+    fresh: bool = False
+    """Re-running a stage that had completed (--force, --from): its checkpoints are discarded, not resumed."""
 
     @property
     def out_dir(self) -> Path:

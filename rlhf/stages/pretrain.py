@@ -83,7 +83,7 @@ def run(ctx: StageContext) -> dict:
         eval_dataset=Dataset.from_dict({"input_ids": eval_blocks}),
         processing_class=tokenizer,
     )
-    seconds = train(trainer, out_dir, ctx.fingerprint)
+    seconds = train(trainer, ctx)
 
     # 4. Evaluate on the held-out tail and save in save_pretrained layout.
     evaluation = trainer.evaluate()

@@ -97,7 +97,7 @@ def run(ctx: StageContext) -> dict:
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_pairs), eval_dataset=Dataset.from_list(eval_pairs),
     )  # fmt: skip
-    seconds = train(trainer, out_dir, ctx.fingerprint)
+    seconds = train(trainer, ctx)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 

@@ -103,7 +103,7 @@ def run(ctx: StageContext) -> dict:
         model=model, args=args, train_dataset=to_dataset(train_rows), eval_dataset=to_dataset(eval_rows),
         processing_class=tokenizer, peft_config=peft_config,
     )  # fmt: skip
-    seconds = train(trainer, out_dir, ctx.fingerprint)
+    seconds = train(trainer, ctx)
     evaluation = trainer.evaluate()
 
     # 4. Merge adapters, judge the fine-tuned policy, save.
