@@ -53,6 +53,7 @@ def pair_accuracy(scorer, pairs: list[dict]) -> tuple[float, float]:
 
 
 def run(ctx: StageContext) -> dict:
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig as TRLRewardConfig
@@ -78,6 +79,7 @@ def run(ctx: StageContext) -> dict:
     # 2. Load the init backbone; count pairs the context cannot hold (the trainer leaves them out).
     init_dir = ctx.upstream(config.init)
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    torch.manual_seed(ctx.seed)  # the new score head's initialisation
     model = AutoModelForSequenceClassification.from_pretrained(init_dir, num_labels=1)
     set_dropout(model, 0.0)
     max_length = config.max_length or model.config.n_positions
