@@ -74,8 +74,31 @@ class ModelShape:
 
 
 @dataclass
-class TrainingConfig:
-    """Optimisation settings shared by every training stage."""
+class OptimizationConfig:
+    """Optimizer settings shared by every training stage, PPO included."""
+
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    lr_schedule: str = "cosine"
+    """After warm-up: 'cosine' (down to min_lr where the stage has one, else 0), 'linear' (down to 0) or 'constant'."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to lr."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables it."""
+    amp: str = "auto"
+    """Mixed precision: 'auto' (bf16 on CUDA where supported, else fp16; fp32 on CPU), 'bf16', 'fp16', 'off'."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"lr: must be positive, got {self.lr}")
+        _check(self.lr_schedule in ("cosine", "linear", "constant"), f"lr_schedule: unknown {self.lr_schedule!r}")
+        _check(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
+        _check(self.amp in ("auto", "bf16", "fp16", "off"), f"amp: unknown {self.amp!r}")
+
+
+@dataclass
+class TrainingConfig(OptimizationConfig):
+    """Settings shared by the Trainer-based stages (pretrain, sft, reward)."""
 
     max_steps: int = -1
     """Optimizer steps to run; -1 means `epochs` passes over the training data."""
@@ -85,12 +108,6 @@ class TrainingConfig:
     """Sequences per device per micro-batch."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
-    lr_schedule: str = "cosine"
-    """After warm-up: 'cosine' (down to min_lr), 'linear' (down to 0) or 'constant'."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up from 0 to lr."""
     min_lr: float = 0.0
     """Floor of the cosine schedule."""
     weight_decay: float = 0.0
@@ -99,8 +116,6 @@ class TrainingConfig:
     """AdamW beta1."""
     adam_beta2: float = 0.999
     """AdamW beta2."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm; 0 disables it."""
     eval_fraction: float = 0.05
     """Share of the data held out for evaluation (the last rows, or the tail of a text corpus)."""
     eval_every: int = 0
@@ -113,25 +128,19 @@ class TrainingConfig:
     """Write a resumable checkpoint every this many steps."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
-    amp: str = "auto"
-    """Mixed precision: 'auto' (bf16 on CUDA where supported, else fp16; fp32 on CPU), 'bf16', 'fp16', 'off'."""
 
     def __post_init__(self):
+        super().__post_init__()
         _check(self.max_steps == -1 or self.max_steps > 0, f"max_steps: must be -1 or positive, got {self.max_steps}")
         _check(self.epochs > 0, f"epochs: must be positive, got {self.epochs}")
         _check(self.batch_size > 0, f"batch_size: must be positive, got {self.batch_size}")
         _check(self.grad_accum > 0, f"grad_accum: must be positive, got {self.grad_accum}")
-        _check(self.lr > 0, f"lr: must be positive, got {self.lr}")
-        _check(self.lr_schedule in ("cosine", "linear", "constant"), f"lr_schedule: unknown {self.lr_schedule!r}")
-        _check(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.min_lr <= self.lr, f"min_lr: must be in [0, lr], got {self.min_lr}")
         _check(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
         _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1/adam_beta2: must be in [0, 1)")
-        _check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
         _check(0 < self.eval_fraction < 1, f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
         for name in ("eval_every", "log_every", "save_every"):
             _check(getattr(self, name) >= 0, f"{name}: must be >= 0")
-        _check(self.amp in ("auto", "bf16", "fp16", "off"), f"amp: unknown {self.amp!r}")
 
 
 @dataclass
@@ -217,7 +226,7 @@ class RewardConfig(TrainingConfig):
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(OptimizationConfig):
     prompts: str = ""
     """Prompts to answer ('prompt' column: a string or a conversation ending with the user)."""
     steps: int = 100
@@ -231,15 +240,11 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout batch, minibatches reshuffled every pass."""
     lr: float = 3e-4
-    """Peak learning rate of the policy (AdamW)."""
+    """Peak learning rate of the policy (AdamW); the shared optimizer settings are in OptimizationConfig."""
     value_lr: float = 0.0
     """Peak learning rate of the value model; 0 means lr."""
     lr_schedule: str = "linear"
-    """'linear' (to 0 over all optimizer steps), 'cosine' (to 0) or 'constant', after warm-up."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warm-up."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm (each model); 0 disables it."""
+    """Schedule after warm-up, over all PPO optimizer steps (see OptimizationConfig)."""
     max_new_tokens: int = 40
     """Response length limit."""
     temperature: float = 1.0
@@ -276,17 +281,15 @@ class PPOConfig:
     """Optional 'module:function' judge for the held-out evaluation, e.g. 'rlhf.demo_task:gold_judge'."""
     save_every: int = 20
     """Write a resumable checkpoint every this many iterations."""
-    amp: str = "auto"
-    """Mixed precision: 'auto' (bf16 on CUDA where supported, else fp16), 'bf16', 'fp16', 'off'; fp32 on CPU."""
 
     def __post_init__(self):
+        super().__post_init__()
         _check(bool(self.prompts), "prompts: give a file")
         for name in ("steps", "rollout_batch_size", "minibatch_size", "grad_accum", "ppo_epochs", "max_new_tokens", "save_every"):
             _check(getattr(self, name) > 0, f"{name}: must be positive, got {getattr(self, name)}")
         _check(self.rollout_batch_size % (self.minibatch_size * self.grad_accum) == 0,
                "rollout_batch_size must be a multiple of minibatch_size * grad_accum")  # fmt: skip
-        _check(self.lr > 0 and self.value_lr >= 0, "lr: must be positive (value_lr >= 0)")
-        _check(self.lr_schedule in ("cosine", "linear", "constant"), f"lr_schedule: unknown {self.lr_schedule!r}")
+        _check(self.value_lr >= 0, f"value_lr: must be >= 0, got {self.value_lr}")
         _check(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
         _check(self.kl_coef >= 0, f"kl_coef: must be >= 0, got {self.kl_coef}")
         _check(self.kl_estimator in ("k1", "k3"), f"kl_estimator: must be 'k1' or 'k3', got {self.kl_estimator!r}")
@@ -295,7 +298,6 @@ class PPOConfig:
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")
         _check(self.clip_range > 0 and self.clip_range_value > 0, "clip_range and clip_range_value: must be positive")
         _check(bool(self.eval_prompts) or not self.judge, "judge: needs eval_prompts")
-        _check(self.amp in ("auto", "bf16", "fp16", "off"), f"amp: unknown {self.amp!r}")
 
 
 STAGE_CONFIGS: dict[str, type] = {
