@@ -280,3 +280,18 @@ def test_adaptive_kl_moves_beta_toward_target(base, tmp_path, capsys) -> None:
         expected.append(expected[-1] * (1.0 + error * ROLLOUT / horizon))
     assert betas == pytest.approx(expected[:-1], rel=1e-9)
     assert read_manifest(run_dir / "ppo")["metrics"]["beta"] == pytest.approx(expected[-1], rel=1e-9)
+
+
+def test_lora_policy_uses_the_adapter_free_model_as_reference(base, tmp_path, capsys) -> None:
+    run_dir = clone(base, tmp_path)
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo",
+                         "stages.ppo.lora.r=4", "stages.ppo.steps=2", "stages.ppo.lr=1e-2")  # fmt: skip
+    assert code == 0, err[-3000:]
+    rows = read_metrics(run_dir / "ppo")
+    # LoRA's B starts at zero, so at the first rollout the policy IS the reference: KL exactly 0.
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["kl"] != pytest.approx(0.0, abs=1e-6), "after an update the adapters move the policy"
+    # The adapters are merged: the saved policy is a plain model with the base's parameter names.
+    saved = weights(run_dir / "ppo" / "model.safetensors")
+    assert not any("lora" in name for name in saved)
+    assert set(saved) == set(weights(base.run_dir / "ppo" / "model.safetensors"))
