@@ -55,6 +55,7 @@ class GenerationResult:
     response_mask: (B, N') the response part of `attention_mask`, as bool.
     logprobs: (B, N') log-probability of each sampled token under the temperature-scaled
         distribution; 0 where `response_mask` is False.
+    stopped: (B,) whether each row emitted EOS.
     prompt_length: P.
     """
 
@@ -62,19 +63,13 @@ class GenerationResult:
     attention_mask: torch.LongTensor
     response_mask: torch.BoolTensor
     logprobs: torch.Tensor
+    stopped: torch.BoolTensor
     prompt_length: int
 
     @property
     def responses(self) -> torch.LongTensor:
         """(B, N') the generated tokens, pad after stop."""
         return self.sequences[:, self.prompt_length :]
-
-    @property
-    def stopped(self) -> torch.BoolTensor:
-        """(B,) whether each row emitted EOS (recorded by `generate`)."""
-        return self._stopped
-
-    _stopped: torch.BoolTensor | None = None
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -186,15 +181,14 @@ def generate(
         ).logits
 
     model.train(was_training)
-    result = GenerationResult(
+    return GenerationResult(
         sequences=sequences[:, : P + steps],
         attention_mask=mask[:, : P + steps],
         response_mask=mask[:, P : P + steps].bool(),
         logprobs=logprobs[:, :steps],
+        stopped=finished,
         prompt_length=P,
     )
-    result._stopped = finished
-    return result
 
 
 def left_pad(token_lists: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"):
