@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [item for item in extra if item not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from rlhf.errors import UserError
+    from rlhf.errors import TrainingDiverged, UserError
 
     def terminated(signum, frame):  # SIGTERM ends a run like Ctrl-C: lock released, checkpoints kept
         raise KeyboardInterrupt
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the same command resumes from it", file=sys.stderr)
         return 130

@@ -281,11 +281,14 @@ class PPOConfig(OptimizationConfig):
     """Optional 'module:function' judge for the held-out evaluation, e.g. 'rlhf.demo_task:gold_judge'."""
     save_every: int = 20
     """Write a resumable checkpoint every this many iterations."""
+    max_nonfinite_iterations: int = 3
+    """Stop after this many iterations in a row whose every update had a NaN or inf loss or gradient."""
 
     def __post_init__(self):
         super().__post_init__()
         _check(bool(self.prompts), "prompts: give a file")
-        for name in ("steps", "rollout_batch_size", "minibatch_size", "grad_accum", "ppo_epochs", "max_new_tokens", "save_every"):
+        for name in ("steps", "rollout_batch_size", "minibatch_size", "grad_accum", "ppo_epochs", "max_new_tokens",
+                     "save_every", "max_nonfinite_iterations"):  # fmt: skip
             _check(getattr(self, name) > 0, f"{name}: must be positive, got {getattr(self, name)}")
         _check(self.rollout_batch_size % (self.minibatch_size * self.grad_accum) == 0,
                "rollout_batch_size must be a multiple of minibatch_size * grad_accum")  # fmt: skip

@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class ArtifactError(UserError):
     """A run directory whose artifacts are missing, corrupted or in use."""
+
+
+class TrainingDiverged(Exception):
+    """Training produced only NaN or inf updates for too long; the last good checkpoint is kept."""

@@ -158,13 +158,19 @@ def make_rollout(
 
 
 def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimizers, schedulers, generator) -> dict[str, float]:
-    """`ppo_epochs` passes of clipped policy and value updates over reshuffled minibatches."""
+    """`ppo_epochs` passes of clipped policy and value updates over reshuffled minibatches.
+
+    An optimizer step whose loss or gradients are NaN or inf is skipped (gradients dropped) and
+    counted in `nonfinite_steps`.
+    """
     clock = time.perf_counter()
     totals: dict[str, list[float]] = {}
     per_step = config.minibatch_size * config.grad_accum
+    skipped = 0
     for _ in range(config.ppo_epochs):
         order = torch.randperm(len(rollout), generator=generator)
         for start in range(0, len(rollout), per_step):
+            finite = True
             for micro in range(config.grad_accum):
                 index = order[start + micro * config.minibatch_size : start + (micro + 1) * config.minibatch_size]
                 batch = rollout.select(index.to(rollout.scores.device))
@@ -179,18 +185,35 @@ def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimiz
                 value_loss, value_stats = value_loss_clipped(
                     values, batch.values, batch.returns, batch.response_mask, config.clip_range_value
                 )
-                accelerator.backward((policy_loss + config.vf_coef * value_loss) / config.grad_accum)
+                loss = (policy_loss + config.vf_coef * value_loss) / config.grad_accum
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                accelerator.backward(loss)
                 stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                          "entropy": masked_mean(entropy, batch.response_mask).item(), **policy_stats, **value_stats}  # fmt: skip
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(float(value))
+            finite = finite and all_gradients_finite(models)
             for model, optimizer, scheduler in zip((models.policy, models.value), optimizers, schedulers):
-                if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                if finite:
+                    if config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                scheduler.step()  # the schedule follows optimizer steps taken or skipped alike
                 optimizer.zero_grad(set_to_none=True)
+            skipped += not finite
     result = {key: sum(values) / len(values) for key, values in totals.items()}
-    result["ratio_max"] = max(totals["ratio_max"])
+    result["ratio_max"] = max(totals.get("ratio_max", []), default=float("nan"))
+    result["nonfinite_steps"] = skipped
     result["time_update"] = time.perf_counter() - clock
     return result
+
+
+def all_gradients_finite(models: PPOModels) -> bool:
+    return all(
+        bool(torch.isfinite(p.grad).all())
+        for model in (models.policy, models.value)
+        for p in model.parameters()
+        if p.grad is not None
+    )

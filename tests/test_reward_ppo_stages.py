@@ -295,3 +295,26 @@ def test_lora_policy_uses_the_adapter_free_model_as_reference(base, tmp_path, ca
     saved = weights(run_dir / "ppo" / "model.safetensors")
     assert not any("lora" in name for name in saved)
     assert set(saved) == set(weights(base.run_dir / "ppo" / "model.safetensors"))
+
+
+def test_nan_losses_are_skipped_then_the_stage_stops(base, tmp_path, capsys, monkeypatch) -> None:
+    import rlhf.ppo
+
+    real = rlhf.ppo.policy_loss_clipped
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(rlhf.ppo, "policy_loss_clipped", nan_loss)
+    run_dir = clone(base, tmp_path)
+    (run_dir / "ppo" / "manifest.json").unlink()
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo", "--force",
+                         "stages.ppo.max_nonfinite_iterations=2")  # fmt: skip
+    assert code == 1
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("error: ppo: 2 iterations in a row had only NaN/inf") and "iteration 2" in message
+    assert not (run_dir / "ppo" / "manifest.json").exists(), "a diverged stage never looks complete"
+    rows = read_metrics(run_dir / "ppo")
+    assert len(rows) == 1, "iteration 1 is logged; iteration 2 stops the stage"
+    assert rows[0]["nonfinite_steps"] > 0 and "policy_loss" not in rows[0], "every update of iteration 1 was skipped"

@@ -109,6 +109,7 @@ def run(ctx: StageContext) -> dict:
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.artifacts import CHECKPOINTS, append_metrics, truncate_metrics
+    from rlhf.errors import TrainingDiverged
     from rlhf.evaluation import sample_policy
     from rlhf.model import set_dropout
     from rlhf.ppo import PPOModels, make_rollout, ppo_update
@@ -196,6 +197,7 @@ def run(ctx: StageContext) -> dict:
     encoded = encode_prompts(tokenizer, prompts)
     limit = unwrapped.config.n_positions - config.max_new_tokens
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="ppo", unit="it")
+    diverged = 0  # iterations in a row whose every update was NaN or inf
     for step in progress:
         # 4a. The iteration's prompts, sampled and scored with a per-iteration seed.
         batch = prompt_order(len(prompts), step, config.rollout_batch_size, ctx.seed)
@@ -207,6 +209,13 @@ def run(ctx: StageContext) -> dict:
         # 4b. Clipped policy and value updates over reshuffled minibatches.
         shuffle = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)
         stats.update(ppo_update(models, rollout, config, accelerator, optimizers, schedulers, shuffle))
+        diverged = diverged + 1 if stats["nonfinite_steps"] == updates_per_step else 0
+        if diverged >= config.max_nonfinite_iterations:
+            kept = latest_checkpoint(checkpoints, ctx.fingerprint)
+            raise TrainingDiverged(
+                f"ppo: {diverged} iterations in a row had only NaN/inf losses or gradients (iteration {step + 1}); "
+                f"stopped. Last good checkpoint: {kept or 'none'}; lower lr or check the reward model's scores"
+            )
         # 4c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint.
         controller.update(stats["kl"], config.rollout_batch_size)
         stats.update(step=step + 1, episodes=(step + 1) * config.rollout_batch_size, lr=schedulers[0].get_last_lr()[0])
