@@ -7,8 +7,6 @@ One run is made per module (`base`); tests that change a run work on a copy of i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -18,14 +16,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from rlhf.artifacts import read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
-from rlhf.cli import main
 from rlhf.config import load_pipeline, stage_config_dict
+
+from pipeline_helpers import clone, run, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -55,24 +53,7 @@ def write_pipeline(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
-    pipeline = write_pipeline(folder)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["run", str(pipeline)])
-    assert code == 0, err.getvalue()[-3000:]
-    return SimpleNamespace(pipeline=str(pipeline), run_dir=folder / "run", folder=folder, out=out.getvalue())
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main(["run", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def clone(base, tmp_path: Path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(base.run_dir, target)
-    return target
+    return run_once(write_pipeline(folder), folder)
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:

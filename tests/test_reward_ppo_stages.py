@@ -22,6 +22,8 @@ import yaml
 from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
 from rlhf.cli import main
 
+from pipeline_helpers import clone, run, run_once
+
 # Tiny policies give noisy k1 estimates; the stage's negative-KL warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
 
@@ -68,24 +70,7 @@ def write_pipeline(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rlhf")
-    pipeline = write_pipeline(folder)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["run", str(pipeline)])
-    assert code == 0, err.getvalue()[-3000:]
-    return SimpleNamespace(pipeline=str(pipeline), run_dir=folder / "run", folder=folder, out=out.getvalue())
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main(["run", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def clone(base, tmp_path: Path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(base.run_dir, target)
-    return target
+    return run_once(write_pipeline(folder), folder)
 
 
 def weights(path: Path) -> dict:
