@@ -62,13 +62,18 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+        if not rows:
+            raise DataError(f"{path}: empty file (no rows)")
     elif kind == ".json":
         try:
             rows = json.loads(_open_text(path))
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{path}: expected a JSON list of objects")
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
     elif kind in (".parquet", ".csv"):
         import datasets
 
@@ -100,12 +105,17 @@ def read_text_documents(paths: list[str], column: str = "text", exclude_last_row
             documents.append(text)
             continue
         rows = read_rows(path)
+        texts = []
         for number, row in enumerate(rows[: len(rows) - exclude_last_rows], start=1):
-            text = row.get(column)
-            if not isinstance(text, str):
-                raise DataError(f"{path}: row {number}: expected a string column '{column}', got keys {sorted(row)}")
-            if text.strip():
-                documents.append(text)
+            if column not in row:
+                raise _missing_column(f"{path}: row {number}", column, row)
+            if row[column] is not None and not isinstance(row[column], str):
+                raise DataError(f"{path}: row {number}: {column}: expected a string, got {_describe(row[column])}")
+            if row[column] and row[column].strip():
+                texts.append(row[column])
+        if not texts:
+            raise DataError(f"{path}: no text in column '{column}'")
+        documents += texts
     return documents
 
 
@@ -120,27 +130,43 @@ def all_strings(value: Any) -> list[str]:
     return []
 
 
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _check_text(value: Any, where: str) -> None:
+    """A non-empty string (an empty CSV or Parquet cell reads as None)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: empty text")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: expected a string, got {_describe(value)}")
+
+
 def check_messages(messages: Any, where: str, last_role: str | None = None) -> None:
     """A conversational list: [{'role': ..., 'content': non-empty string}, ...]."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: expected a non-empty list of messages")
+        raise DataError(f"{where}: expected a non-empty list of messages, got {_describe(messages)}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not {"role", "content"} <= set(message):
-            raise DataError(f"{where}[{i}]: expected {{'role': ..., 'content': ...}}")
+            raise DataError(f"{where}[{i}]: expected {{'role': ..., 'content': ...}}, got {_describe(message)}")
         if message["role"] not in ROLES:
             raise DataError(f"{where}[{i}]: unknown role {message['role']!r} (use {', '.join(ROLES)})")
-        if not isinstance(message["content"], str) or not message["content"].strip():
-            raise DataError(f"{where}[{i}]: empty or non-string content")
+        _check_text(message["content"], f"{where}[{i}].content")
     if last_role is not None and messages[-1]["role"] != last_role:
         raise DataError(f"{where}: the last message must be from the {last_role}")
 
 
 def _check_text_or_messages(value: Any, where: str, last_role: str) -> None:
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(f"{where}: empty text")
-    else:
+    if isinstance(value, list):
         check_messages(value, where, last_role)
+    elif value is None or isinstance(value, str):
+        _check_text(value, where)
+    else:
+        raise DataError(f"{where}: expected a string or a list of messages, got {_describe(value)}")
+
+
+def _missing_column(where: str, column: str, row: dict) -> DataError:
+    return DataError(f"{where}: missing column '{column}' (got {', '.join(map(repr, sorted(row))) or 'none'})")
 
 
 def check_sft_rows(path: str | Path, rows: list[dict]) -> str:
@@ -149,14 +175,14 @@ def check_sft_rows(path: str | Path, rows: list[dict]) -> str:
     if "messages" in first:
         for number, row in enumerate(rows, start=1):
             if "messages" not in row:
-                raise DataError(f"{path}: row {number}: missing column 'messages'")
+                raise _missing_column(f"{path}: row {number}", "messages", row)
             check_messages(row["messages"], f"{path}: row {number}: messages", last_role="assistant")
         return "messages"
     if "prompt" in first or "completion" in first:
         for number, row in enumerate(rows, start=1):
             for column, role in (("prompt", "user"), ("completion", "assistant")):
                 if column not in row:
-                    raise DataError(f"{path}: row {number}: missing column '{column}'")
+                    raise _missing_column(f"{path}: row {number}", column, row)
                 _check_text_or_messages(row[column], f"{path}: row {number}: {column}", role)
         return "prompt_completion"
     raise DataError(f"{path}: row 1: expected a 'messages' column or 'prompt' and 'completion' columns, got {sorted(first)}")
@@ -166,7 +192,7 @@ def check_prompt_rows(path: str | Path, rows: list[dict]) -> None:
     """Prompt files (PPO, evaluation): a 'prompt' column, a string or a conversation ending with the user."""
     for number, row in enumerate(rows, start=1):
         if "prompt" not in row:
-            raise DataError(f"{path}: row {number}: missing column 'prompt' (got {sorted(row)})")
+            raise _missing_column(f"{path}: row {number}", "prompt", row)
         _check_text_or_messages(row["prompt"], f"{path}: row {number}: prompt", "user")
 
 
@@ -206,7 +232,7 @@ def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], li
         where = f"{path}: row {number}"
         for column in ("chosen", "rejected"):
             if column not in row:
-                raise DataError(f"{where}: missing column '{column}' (got {sorted(row)})")
+                raise _missing_column(where, column, row)
         pair = {key: row[key] for key in ("prompt", "chosen", "rejected", "margin") if key in row}
         prompt_last_role: str | None = "user"
         if is_hh_dialogue(row["chosen"]) and is_hh_dialogue(row["rejected"]):
@@ -219,13 +245,12 @@ def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], li
         if "margin" in pair and (isinstance(pair["margin"], bool) or not isinstance(pair["margin"], (int, float))):
             raise DataError(f"{where}: margin must be a number, got {pair['margin']!r}")
         if "prompt" in pair:
-            if isinstance(pair["prompt"], str):
-                _check_text_or_messages(pair["prompt"], f"{where}: prompt", "user")
-            else:
+            if isinstance(pair["prompt"], list):
                 check_messages(pair["prompt"], f"{where}: prompt", prompt_last_role)
+            else:
+                _check_text_or_messages(pair["prompt"], f"{where}: prompt", "user")
         for column in ("chosen", "rejected"):
-            last = "assistant" if not isinstance(pair[column], str) else None
-            _check_text_or_messages(pair[column], f"{where}: {column}", last or "assistant")
+            _check_text_or_messages(pair[column], f"{where}: {column}", "assistant")
         if pair["chosen"] == pair["rejected"]:
             raise DataError(f"{where}: chosen and rejected are identical")
         pairs.append(pair)

@@ -92,7 +92,7 @@ def test_json_errors(tmp_path) -> None:
     path.write_text('{"a": 1}', encoding="utf-8")
     data_error(path, "list of objects")
     path.write_text('[{"a": 1}, 2]', encoding="utf-8")
-    data_error(path, "list of objects")
+    data_error(path, "row 2", "expected a JSON object, got int")
 
 
 def test_csv(tmp_path) -> None:
@@ -216,7 +216,7 @@ def test_sft_missing_column() -> None:
     [
         (conversation(("user", "Hi?"), ("assistant", "")), ["messages[1]", "empty"]),
         (conversation(("user", "   "), ("assistant", "x")), ["messages[0]", "empty"]),
-        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], ["messages[0]", "non-string"]),
+        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], ["messages[0].content", "expected a string, got int 3"]),
         (conversation(("user", "Hi?"), ("assistant", "a"), ("user", "more?")), ["last message", "assistant"]),
         (conversation(("user", "Hi?"), ("bot", "a")), ["messages[1]", "unknown role 'bot'"]),
         ([], ["non-empty list"]),
