@@ -128,6 +128,8 @@ class TrainingConfig(OptimizationConfig):
     """Write a resumable checkpoint every this many steps."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
+    max_nonfinite_steps: int = 10
+    """Stop after this many optimizer steps in a row with a NaN or inf loss or gradient (each one is skipped)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -141,6 +143,7 @@ class TrainingConfig(OptimizationConfig):
         _check(0 < self.eval_fraction < 1, f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
         for name in ("eval_every", "log_every", "save_every"):
             _check(getattr(self, name) >= 0, f"{name}: must be >= 0")
+        _check(self.max_nonfinite_steps > 0, f"max_nonfinite_steps: must be positive, got {self.max_nonfinite_steps}")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from rlhf.ppo_math import (
     policy_loss_clipped,
     value_loss_clipped,
 )
+from rlhf.training import gradients_finite
 
 
 @dataclass
@@ -211,9 +212,4 @@ def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimiz
 
 
 def all_gradients_finite(models: PPOModels) -> bool:
-    return all(
-        bool(torch.isfinite(p.grad).all())
-        for model in (models.policy, models.value)
-        for p in model.parameters()
-        if p.grad is not None
-    )
+    return gradients_finite(p for model in (models.policy, models.value) for p in model.parameters())

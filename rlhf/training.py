@@ -1,15 +1,22 @@
-"""What every Trainer-based stage shares: arguments from our typed config, metrics logging, resume.
+"""What every training stage shares: arguments from our typed config, metrics logging, resume,
+skipping NaN/inf steps and stopping cleanly on SIGINT or SIGTERM.
 
 The stages configure TRL's trainers (`SFTTrainer`, `RewardTrainer`); this module maps one
-`TrainingConfig` onto their arguments so the stages stay short recipes.
+`TrainingConfig` onto their arguments so the stages stay short recipes. `GracefulStop` serves
+PPO's own loop too.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from transformers import TrainerCallback
@@ -17,6 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rlhf.artifacts import CHECKPOINTS, append_metrics, atomic_write_text, truncate_metrics
 from rlhf.config import TrainingConfig
+from rlhf.errors import TrainingDiverged
 
 SCHEDULERS = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -85,6 +93,107 @@ class MetricsFile(TrainerCallback):
             append_metrics(self.stage_dir, row)
 
 
+def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether every gradient of `parameters` is free of NaN and inf (parameters without one are ignored)."""
+    checks = [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips every optimizer step whose loss or gradients hold NaN or inf; stops after `limit` in a row.
+
+    A skipped step's gradients are dropped before `optimizer.step()`, and AdamW leaves parameters
+    without gradients untouched: weights and optimizer moments stay as they were, so every
+    checkpoint holds good weights; the learning-rate schedule advances as for any step. (Under
+    fp16's gradient scaler the scaler skips such steps itself.) Each skipped step is a row of
+    metrics.jsonl: `{"step", "nonfinite_steps": 1, "nonfinite_in_a_row"}`. At the limit the Trainer
+    stops without saving that step, and `diverged` holds the message for `TrainingDiverged`.
+    """
+
+    def __init__(self, stage: str, stage_dir: Path, limit: int):
+        self.stage, self.stage_dir, self.limit = stage, stage_dir, limit
+        self.loss_finite = True  # over the micro-batches of the current optimizer step
+        self.in_a_row = 0
+        self.diverged: str | None = None
+
+    def watch(self, training_step):
+        """`trainer.training_step` that also notes whether each micro-batch's loss is finite."""
+
+        def step(*args, **kwargs):
+            loss = training_step(*args, **kwargs)
+            self.loss_finite = self.loss_finite and bool(torch.isfinite(loss).all())
+            return loss
+
+        return step
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        finite = self.loss_finite and gradients_finite(parameters)
+        self.loss_finite = True
+        if finite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if getattr(optimizer, "scaler", None) is None:
+            for p in parameters:
+                p.grad = None
+        if state.is_world_process_zero:
+            append_metrics(self.stage_dir, {"step": state.global_step + 1, "nonfinite_steps": 1, "nonfinite_in_a_row": self.in_a_row})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.in_a_row >= self.limit:
+            control.should_training_stop = True
+            control.should_save = control.should_evaluate = False
+            self.diverged = (
+                f"{self.stage}: {self.in_a_row} optimizer steps in a row had NaN/inf losses or gradients "
+                f"(step {state.global_step}); stopped. Last good checkpoint: {get_last_checkpoint(args.output_dir) or 'none'}; "
+                "lower lr or check the data"
+            )
+
+
+class GracefulStop(TrainerCallback):
+    """While entered, SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop after its current step.
+
+    The loop then saves a checkpoint and calls `exit`, which raises KeyboardInterrupt (the CLI
+    exits 130 saying the same command resumes). A second signal raises at once. As a Trainer
+    callback it asks the Trainer to save and stop at the end of the step; PPO's loop reads
+    `received` itself. Outside the main thread, where Python cannot handle signals, it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.received: str | None = None  # the signal's name, once one arrives
+        self.previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def handle(self, number, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        print(f"\n{self.stage}: {self.received} received; saving a checkpoint after this step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def exit(self, checkpoint: Path | str) -> NoReturn:
+        print(f"{self.stage}: stopped by {self.received}; saved {checkpoint}", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
+
+
 def resume_point(stage_dir: Path, fingerprint: str, fresh: bool = False) -> str | None:
     """The last checkpoint of an interrupted run with the same fingerprint, else None.
 
@@ -112,9 +221,22 @@ def resume_point(stage_dir: Path, fingerprint: str, fresh: bool = False) -> str 
 
 
 def train(trainer, ctx) -> float:
-    """Run (or resume) `trainer.train()` for stage context `ctx`; returns wall seconds."""
+    """Run (or resume) `trainer.train()` for stage context `ctx`; returns wall seconds.
+
+    NaN/inf steps are skipped (`NonFiniteGuard`); SIGINT or SIGTERM saves a checkpoint and stops
+    (`GracefulStop`).
+    """
     stage_dir = ctx.out_dir
-    trainer.add_callback(MetricsFile(stage_dir))
+    guard = NonFiniteGuard(ctx.name, stage_dir, ctx.config.max_nonfinite_steps)
+    trainer.training_step = guard.watch(trainer.training_step)
+    stop = GracefulStop(ctx.name)
+    for callback in (guard, stop, MetricsFile(stage_dir)):
+        trainer.add_callback(callback)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_point(stage_dir, ctx.fingerprint, ctx.fresh))
+    with stop:
+        trainer.train(resume_from_checkpoint=resume_point(stage_dir, ctx.fingerprint, ctx.fresh))
+    if guard.diverged:
+        raise TrainingDiverged(guard.diverged)
+    if stop.received:
+        stop.exit(Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
     return time.perf_counter() - started

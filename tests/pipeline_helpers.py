@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 from rlhf.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_once(pipeline: Path, folder: Path) -> SimpleNamespace:
@@ -32,3 +38,53 @@ def clone(base, tmp_path: Path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(base.run_dir, target)
     return target
+
+
+def add_trainer_callback(monkeypatch, callback) -> None:
+    """Give every Trainer that a stage of this process trains `callback`, ahead of the stage's own."""
+    import rlhf.training as training
+
+    real = training.train
+
+    def train(trainer, *args, **kwargs):
+        trainer.add_callback(callback)
+        return real(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train", train)
+
+
+# `rlhf ARGS` in a process that SIGKILLs itself at a Trainer callback event of a given step.
+KILL_AT_STEP = """
+import os, signal, sys
+from transformers import TrainerCallback
+import rlhf.training as training
+
+step, event = int(os.environ["KILL_STEP"]), os.environ["KILL_EVENT"]
+
+class Kill(TrainerCallback):
+    pass
+
+def kill(self, args, state, control, **kwargs):
+    if state.global_step == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(Kill, event, kill)
+real = training.train
+def train(trainer, *args, **kwargs):
+    trainer.add_callback(Kill())
+    return real(trainer, *args, **kwargs)
+training.train = train
+
+from rlhf.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_killed(*args, step: int, event: str = "on_step_end") -> subprocess.CompletedProcess:
+    """`rlhf run ARGS` in a subprocess killed with SIGKILL at `event` (a TrainerCallback method) of `step`."""
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT_STEP, "run", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_STEP": str(step), "KILL_EVENT": event},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, f"not killed at {event} of step {step}: {killed.stderr[-3000:]}"
+    return killed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,7 +24,7 @@ import yaml
 from rlhf.artifacts import read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
 from rlhf.config import load_pipeline, stage_config_dict
 
-from pipeline_helpers import clone, run, run_once
+from pipeline_helpers import add_trainer_callback, clone, run, run_killed, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -147,7 +148,7 @@ def test_sft_output_loads_with_auto_classes(base) -> None:
     model = AutoModelForCausalLM.from_pretrained(base.run_dir / "sft")
     tokenizer = AutoTokenizer.from_pretrained(base.run_dir / "sft")
     assert isinstance(model, RlhfForCausalLM)
-    assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (1, 32, 64)
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (1, 32, 96)
     assert model.config.vocab_size == len(tokenizer) == 320
     ids = tokenizer("Sure! 1 + 2 = 3.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -262,28 +263,23 @@ def test_force_reruns_everything(base, tmp_path, capsys) -> None:
 # ----------------------------------------------------------------------------- resume
 
 
-def interrupt_at_step(monkeypatch, step: int, action) -> None:
-    """Make every Trainer of this process call `action()` right after it saves checkpoint `step`."""
+def at_step(monkeypatch, event: str, step: int, action) -> None:
+    """Make every Trainer of this process call `action()` at `event` (a TrainerCallback method) of `step`."""
     from transformers import TrainerCallback
 
-    import rlhf.training as training
+    class Act(TrainerCallback):
+        pass
 
-    class AfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                action()
+    def act(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            action()
 
-    real = training.train
-
-    def train(trainer, *args, **kwargs):
-        trainer.add_callback(AfterSave())
-        return real(trainer, *args, **kwargs)
-
-    monkeypatch.setattr(training, "train", train)
+    setattr(Act, event, act)
+    add_trainer_callback(monkeypatch, Act())
 
 
-def check_resumed(base, run_dir: Path, out: str) -> None:
-    assert "resuming from" in out and "checkpoint-3" in out, out
+def check_resumed(base, run_dir: Path, out: str, checkpoint: str = "checkpoint-3") -> None:
+    assert "resuming from" in out and checkpoint in out, out
     manifest = read_manifest(run_dir / "pretrain")
     assert manifest["status"] == "complete" and manifest["metrics"]["steps"] == 6
     assert manifest["fingerprint"] == read_manifest(base.run_dir / "pretrain")["fingerprint"]
@@ -299,7 +295,7 @@ def test_ctrl_c_keeps_checkpoint_and_same_command_resumes(base, tmp_path, capsys
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        interrupt_at_step(patch, 3, ctrl_c)
+        at_step(patch, "on_save", 3, ctrl_c)
         code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain")
     assert code == 130 and "interrupted" in err
     assert not (run_dir / ".lock").exists(), "the lock is released on Ctrl-C"
@@ -312,35 +308,10 @@ def test_ctrl_c_keeps_checkpoint_and_same_command_resumes(base, tmp_path, capsys
     check_resumed(base, run_dir, out)
 
 
-KILL_AFTER_CHECKPOINT_3 = """
-import os, signal, sys
-from transformers import TrainerCallback
-import rlhf.training as training
-
-class Kill(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-real = training.train
-def train(trainer, *args, **kwargs):
-    trainer.add_callback(Kill())
-    return real(trainer, *args, **kwargs)
-training.train = train
-
-from rlhf.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_sigkill_after_checkpoint_resumes_and_takes_over_the_stale_lock(base, tmp_path, capsys) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(base.run_dir / "tokenizer", run_dir / "tokenizer")
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_CHECKPOINT_3, "run", base.pipeline, "--run-dir", str(run_dir), "--only", "pretrain"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_killed(base.pipeline, "--run-dir", run_dir, "--only", "pretrain", step=3, event="on_save")
     holder = json.loads((run_dir / ".lock").read_text(encoding="utf-8"))
     assert holder["pid"] != os.getpid() and holder["host"] == socket.gethostname(), "the killed run left its lock"
     assert read_manifest(run_dir / "pretrain") is None
@@ -386,6 +357,119 @@ def test_checkpoints_of_another_config_are_not_resumed(base, tmp_path, capsys) -
     assert code == 0, err
     assert "resuming from" not in out
     assert loss_steps(run_dir / "pretrain") == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_the_same_command_resumes(base, tmp_path, capsys, monkeypatch, signum) -> None:
+    """Ctrl-C or SIGTERM at step 4, between the checkpoints of steps 3 and 6: checkpoint-4 is saved, the
+    run exits 130, and the same command ends with the uninterrupted run's weights (atol 1e-6)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(base.run_dir / "tokenizer", run_dir / "tokenizer")
+    with monkeypatch.context() as patch:
+        at_step(patch, "on_step_end", 4, lambda: signal.raise_signal(signum))
+        code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain")
+    name = signal.Signals(signum).name
+    checkpoint = run_dir / "pretrain" / "checkpoints" / "checkpoint-4"
+    assert code == 130, err[-3000:]
+    assert f"{name} received" in err and f"pretrain: stopped by {name}; saved {checkpoint}" in err
+    assert err.strip().splitlines()[-1].startswith("interrupted; "), "the CLI's last word says how to resume"
+    assert (checkpoint / "trainer_state.json").is_file() and not (checkpoint.parent / "checkpoint-5").exists()
+    assert read_manifest(run_dir / "pretrain") is None and not (run_dir / ".lock").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the stage's handler is removed again"
+
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain")
+    assert code == 0, err
+    check_resumed(base, run_dir, out, checkpoint="checkpoint-4")
+
+
+def test_sft_killed_at_a_random_step_resumes_to_the_same_weights(base, tmp_path, capsys) -> None:
+    """SIGKILL at the end of a random SFT step (1-3 of 4; checkpoints every 2) loses at most the steps
+    since the last checkpoint: the same command ends with the uninterrupted run's weights (atol 1e-6)."""
+    step = random.randint(1, 3)
+    run_dir = clone(base, tmp_path)
+    shutil.rmtree(run_dir / "sft")
+    run_killed(base.pipeline, "--run-dir", run_dir, "--only", "sft", step=step)
+    assert read_manifest(run_dir / "sft") is None
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "sft")
+    assert code == 0, err
+    last = step - 1 if step > 2 else None  # the kill comes before step's own checkpoint
+    assert (f"resuming from {run_dir / 'sft' / 'checkpoints' / f'checkpoint-{last}'}" in out) if last else ("resuming from" not in out), f"killed at step {step}"
+    assert_same_weights(run_dir / "sft", base.run_dir / "sft")
+    assert loss_steps(run_dir / "sft") == [1, 2, 3, 4], f"killed at step {step}: every step logged once"
+
+
+# ----------------------------------------------------------------------------- NaN and inf
+
+
+def poison(monkeypatch, steps: set[int], where: str, seen: dict) -> None:
+    """Make the loss ('loss': NaN final activations) or one weight's gradient ('gradient') of these optimizer
+    steps NaN in every Trainer of this process; record each step's weights and AdamW moments in `seen[step]`."""
+    from transformers import TrainerCallback
+
+    nan = float("nan")
+
+    class Poison(TrainerCallback):
+        active = False
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if where == "loss":
+                final_norm = model.get_submodule("transformer.ln_f")
+                final_norm.register_forward_hook(lambda module, inputs, out: out * nan if self.active else out)
+            else:
+                weight = model.get_parameter("transformer.h.0.mlp.c_fc.weight")
+                weight.register_hook(lambda grad: grad * nan if self.active else grad)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.active = state.global_step + 1 in steps
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters() if p in optimizer.state]
+            seen[state.global_step] = ({n: p.detach().clone() for n, p in model.named_parameters()}, moments)
+
+    add_trainer_callback(monkeypatch, Poison())
+
+
+def same_state(a, b) -> bool:
+    import torch
+
+    (weights_a, moments_a), (weights_b, moments_b) = a, b
+    return all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a) and all(map(torch.equal, moments_a, moments_b))
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_steps_are_skipped_and_counted(base, tmp_path, capsys, monkeypatch, where) -> None:
+    run_dir = clone(base, tmp_path)
+    seen: dict = {}
+    poison(monkeypatch, {2, 4}, where, seen)
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain", "--force")
+    assert code == 0, err[-3000:]
+    assert same_state(seen[2], seen[1]) and same_state(seen[4], seen[3]), "a skipped step changes no weight or moment"
+    assert not same_state(seen[3], seen[2]) and not same_state(seen[5], seen[4]), "the steps between train"
+    skipped = [row for row in read_metrics(run_dir / "pretrain") if "nonfinite_steps" in row]
+    assert [(row["step"], row["nonfinite_steps"], row["nonfinite_in_a_row"]) for row in skipped] == [(2, 1, 1), (4, 1, 1)]
+    assert read_manifest(run_dir / "pretrain")["metrics"]["steps"] == 6
+
+
+def test_nonfinite_steps_in_a_row_stop_the_stage_with_the_last_checkpoint_intact(base, tmp_path, capsys, monkeypatch) -> None:
+    run_dir = clone(base, tmp_path)
+    setting = "stages.pretrain.max_nonfinite_steps=2"
+    with monkeypatch.context() as patch:
+        poison(patch, {4, 5, 6}, "loss", {})
+        code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain", "--force", setting)
+    checkpoints = run_dir / "pretrain" / "checkpoints"
+    assert code == 1
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("error: pretrain: 2 optimizer steps in a row had NaN/inf losses or gradients (step 5)"), message
+    assert f"Last good checkpoint: {checkpoints / 'checkpoint-3'}" in message
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-3"], "nothing saved after the bad steps"
+    assert read_manifest(run_dir / "pretrain") is None, "a diverged stage never looks complete"
+    rows = read_metrics(run_dir / "pretrain")
+    assert [(row["step"], row["nonfinite_in_a_row"]) for row in rows if "nonfinite_steps" in row] == [(4, 1), (5, 2)]
+    # The checkpoint is good: without the fault the same command resumes from it to the usual weights.
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain", setting)
+    assert code == 0, err[-3000:]
+    assert f"resuming from {checkpoints / 'checkpoint-3'}" in out
+    assert_same_weights(run_dir / "pretrain", base.run_dir / "pretrain")
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -473,5 +557,5 @@ def test_sft_max_length_beyond_model_context_is_a_user_error(base, tmp_path, cap
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "stages.sft.max_length=128")
     assert code == 2
     line = one_line_error(err)
-    assert "max_length" in line and "64" in line
+    assert "max_length" in line and "96" in line
     assert snapshot(run_dir) == before

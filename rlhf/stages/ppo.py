@@ -115,7 +115,7 @@ def run(ctx: StageContext) -> dict:
     from rlhf.ppo import PPOModels, make_rollout, ppo_update
     from rlhf.ppo_math import AdaptiveKLController, FixedKLController
     from rlhf.responses import encode_prompts, load_function, prompt_text
-    from rlhf.training import precision_flags
+    from rlhf.training import GracefulStop, precision_flags
 
     config: PPOConfig = ctx.config
 
@@ -198,37 +198,41 @@ def run(ctx: StageContext) -> dict:
     limit = unwrapped.config.n_positions - config.max_new_tokens
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="ppo", unit="it")
     diverged = 0  # iterations in a row whose every update was NaN or inf
-    for step in progress:
-        # 4a. The iteration's prompts, sampled and scored with a per-iteration seed.
-        batch = prompt_order(len(prompts), step, config.rollout_batch_size, ctx.seed)
-        generator = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + step)
-        rollout, stats = make_rollout(
-            models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
-            config, controller.value, generator, reward_functions, judge,
-        )  # fmt: skip
-        # 4b. Clipped policy and value updates over reshuffled minibatches.
-        shuffle = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)
-        stats.update(ppo_update(models, rollout, config, accelerator, optimizers, schedulers, shuffle))
-        diverged = diverged + 1 if stats["nonfinite_steps"] == updates_per_step else 0
-        if diverged >= config.max_nonfinite_iterations:
-            kept = latest_checkpoint(checkpoints, ctx.fingerprint)
-            raise TrainingDiverged(
-                f"ppo: {diverged} iterations in a row had only NaN/inf losses or gradients (iteration {step + 1}); "
-                f"stopped. Last good checkpoint: {kept or 'none'}; lower lr or check the reward model's scores"
-            )
-        # 4c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint.
-        controller.update(stats["kl"], config.rollout_batch_size)
-        stats.update(step=step + 1, episodes=(step + 1) * config.rollout_batch_size, lr=schedulers[0].get_last_lr()[0])
-        if accelerator.is_main_process:
-            append_metrics(out_dir, stats)
-        if stats["kl"] < -1e-3:
-            warnings.warn(f"ppo iteration {step + 1}: negative mean KL {stats['kl']:.4f}: k1 estimates are noisy; "
-                          "a persistent negative KL means the policy and reference disagree on the sampling setup")  # fmt: skip
-        if stats["ratio_max"] > 10:
-            warnings.warn(f"ppo iteration {step + 1}: importance ratio reached {stats['ratio_max']:.1f}; lower lr or clip_range")
-        progress.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{controller.value:.3f}")
-        if (step + 1) % config.save_every == 0 and step + 1 < config.steps and accelerator.is_main_process:
-            save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizers, schedulers, controller, step + 1, before)
+    with GracefulStop("ppo") as stop:  # SIGINT/SIGTERM: finish the iteration, save a checkpoint, stop
+        for step in progress:
+            # 4a. The iteration's prompts, sampled and scored with a per-iteration seed.
+            batch = prompt_order(len(prompts), step, config.rollout_batch_size, ctx.seed)
+            generator = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + step)
+            rollout, stats = make_rollout(
+                models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
+                config, controller.value, generator, reward_functions, judge,
+            )  # fmt: skip
+            # 4b. Clipped policy and value updates over reshuffled minibatches.
+            shuffle = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)
+            stats.update(ppo_update(models, rollout, config, accelerator, optimizers, schedulers, shuffle))
+            diverged = diverged + 1 if stats["nonfinite_steps"] == updates_per_step else 0
+            if diverged >= config.max_nonfinite_iterations:
+                kept = latest_checkpoint(checkpoints, ctx.fingerprint)
+                raise TrainingDiverged(
+                    f"ppo: {diverged} iterations in a row had only NaN/inf losses or gradients (iteration {step + 1}); "
+                    f"stopped. Last good checkpoint: {kept or 'none'}; lower lr or check the reward model's scores"
+                )
+            # 4c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint.
+            controller.update(stats["kl"], config.rollout_batch_size)
+            stats.update(step=step + 1, episodes=(step + 1) * config.rollout_batch_size, lr=schedulers[0].get_last_lr()[0])
+            if accelerator.is_main_process:
+                append_metrics(out_dir, stats)
+            if stats["kl"] < -1e-3:
+                warnings.warn(f"ppo iteration {step + 1}: negative mean KL {stats['kl']:.4f}: k1 estimates are noisy; "
+                              "a persistent negative KL means the policy and reference disagree on the sampling setup")  # fmt: skip
+            if stats["ratio_max"] > 10:
+                warnings.warn(f"ppo iteration {step + 1}: importance ratio reached {stats['ratio_max']:.1f}; lower lr or clip_range")
+            progress.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{controller.value:.3f}")
+            due = (step + 1) % config.save_every == 0 and step + 1 < config.steps
+            if (due or stop.received) and accelerator.is_main_process:
+                save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizers, schedulers, controller, step + 1, before)
+            if stop.received:
+                stop.exit(checkpoints / f"step-{step + 1}")
 
     # 5. Evaluate on held-out prompts; save the policy (adapters merged) and the value model.
     metrics: dict = {"iterations": config.steps, "episodes": config.steps * config.rollout_batch_size, "beta": controller.value}
