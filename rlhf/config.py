@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from rlhf.data import decode_utf8
 from rlhf.errors import ConfigError
 
 STAGE_ORDER = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
@@ -185,7 +186,7 @@ class SFTConfig(TrainingConfig):
     data: str = ""
     """Demonstrations: conversational 'messages', or 'prompt' + 'completion' (strings or messages)."""
     max_length: int = 0
-    """Longest tokenized example; 0 means the model's context. Longer examples are counted and reported."""
+    """Longest tokenized example; 0 means the model's context. A longer example is an error naming its row."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all weights; they are merged into the saved model."""
     eval_prompts: str = ""
@@ -407,7 +408,10 @@ def apply_override(tree: dict, assignment: str, source: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {assignment!r}: {part} is not a mapping in {source}")
         node = child
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML") from None
 
 
 def deep_merge(base: dict, changes: dict) -> dict:
@@ -423,8 +427,8 @@ def read_tree(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        tree = yaml.safe_load(decode_utf8(path.read_bytes(), path, ConfigError)) or {}
+    except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]

@@ -12,10 +12,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import DataError
+from rlhf.errors import DataError, UserError
 
 TABULAR_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 ROLES = ("system", "user", "assistant")
+
+
+def decode_utf8(raw: bytes, path: str | Path, error_class: type[UserError] = DataError) -> str:
+    """`raw` as text; bytes that are not UTF-8 raise `error_class` naming the file, the line and the byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise error_class(f"{path}: line {line}: not valid UTF-8 (byte {raw[error.start]:#04x})") from None
 
 
 def _open_text(path: Path) -> str:
@@ -25,11 +34,7 @@ def _open_text(path: Path) -> str:
             raw = gzip.decompress(raw)
         except OSError as error:
             raise DataError(f"{path}: not a valid gzip file ({error})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not valid UTF-8 (byte {raw[error.start]:#04x})") from None
+    return decode_utf8(raw, path)
 
 
 def _format_of(path: Path) -> str:

@@ -59,6 +59,29 @@ def fingerprint(config: PipelineConfig, name: str, run_dir: Path) -> tuple[str, 
     return sha256_json(facts), facts
 
 
+def is_complete(stage_dir: Path) -> bool:
+    manifest = read_manifest(stage_dir)
+    return bool(manifest and manifest.get("status") == "complete")
+
+
+def missing_upstream(run_dir: Path, parent: str) -> ArtifactError:
+    return ArtifactError(f"{run_dir / parent}: upstream stage '{parent}' has not completed; run it first")
+
+
+def check_inputs(config: PipelineConfig, stages: list[str], run_dir: Path) -> None:
+    """Bad input fails here, before anything is written (not even the run directory): every planned
+    stage's data files and plug-ins, and the upstream stages that the plan does not run."""
+    for name in stages:
+        module = stage_module(name)
+        try:
+            module.read_inputs(config.stages[name])
+        except ConfigError as error:
+            raise ConfigError(f"{config.source}: stages.{name}: {error}") from None
+        for parent in module.upstream(config.stages[name]):
+            if parent not in stages and not is_complete(run_dir / parent):
+                raise missing_upstream(run_dir, parent)
+
+
 def check_artifacts(run_dir: Path, stages: list[str], forced: set[str]) -> None:
     """Stop before any training if a completed stage's outputs no longer match its manifest."""
     for name in STAGE_ORDER:
@@ -74,6 +97,7 @@ def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | N
     run_dir = Path(config.run_dir)
     stages = plan(config, only, start)
     forced = set(stages) if force else ({*stages} if start else set())
+    check_inputs(config, stages, run_dir)
     with RunLock(run_dir):
         check_artifacts(run_dir, stages, forced)
         for name in stages:
@@ -82,13 +106,14 @@ def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | N
             if name not in forced and manifest and manifest.get("status") == "complete" and manifest.get("fingerprint") == stage_fingerprint:
                 print(f"[{name}] up to date, skipped (finished {manifest.get('finished')})")
                 continue
-            if None in facts["upstream"].values():
-                missing = [k for k, v in facts["upstream"].items() if v is None]
-                raise ArtifactError(f"{run_dir / missing[0]}: upstream stage '{missing[0]}' has not completed; run it first")
+            missing = [parent for parent, outputs in facts["upstream"].items() if outputs is None]
+            if missing:
+                raise missing_upstream(run_dir, missing[0])
             print(f"[{name}] running")
             started, clock = now(), time.perf_counter()
             completed_before = bool(manifest and manifest.get("status") == "complete")
-            context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint, fresh=completed_before)
+            context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint,
+                                   fresh=completed_before, source=config.source)  # fmt: skip
             metrics = stage_module(name).run(context)
             seconds = time.perf_counter() - clock
             write_manifest(

@@ -69,17 +69,18 @@ def sample_responses(
     return texts
 
 
-def load_function(reference: str) -> Callable:
-    """Import 'package.module:function'."""
+def load_function(reference: str, key: str = "") -> Callable:
+    """Import 'package.module:function'; errors name the setting `key` it came from."""
+    where = f"{key}: {reference!r}" if key else repr(reference)
     module_name, sep, name = reference.partition(":")
     if not sep or not module_name or not name:
-        raise ConfigError(f"{reference!r}: expected 'module:function'")
+        raise ConfigError(f"{where}: expected 'module:function'")
     try:
         function = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as error:
-        raise ConfigError(f"{reference!r}: cannot import ({error})") from None
+        raise ConfigError(f"{where}: cannot import ({error})") from None
     if not callable(function):
-        raise ConfigError(f"{reference!r}: not callable")
+        raise ConfigError(f"{where}: not callable")
     return function
 
 

@@ -170,3 +170,22 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: str | os.PathLike) -> 
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out))
     return out
+
+
+def check_fits_model(tok: PreTrainedTokenizerFast, model_config, where: str | os.PathLike) -> None:
+    """Refuse a tokenizer and a model that do not belong together (an `ArtifactError` naming `where`).
+
+    The model must embed every token id (its vocabulary may be padded beyond the tokenizer's), and
+    pad and end-of-sequence must be the same tokens for both.
+    """
+    from rlhf.errors import ArtifactError
+
+    if len(tok) > model_config.vocab_size:
+        raise ArtifactError(
+            f"{where}: the tokenizer has {len(tok)} tokens but the model's vocabulary is {model_config.vocab_size}: "
+            "they do not belong together"
+        )
+    for name in ("pad_token_id", "eos_token_id"):
+        expected = getattr(model_config, name, None)
+        if expected is not None and getattr(tok, name) != expected:
+            raise ArtifactError(f"{where}: the tokenizer's {name} is {getattr(tok, name)} but the model's is {expected}")

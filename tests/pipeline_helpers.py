@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import yaml
+
 from rlhf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,18 @@ def clone(base, tmp_path: Path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(base.run_dir, target)
     return target
+
+
+def write_subsets(folder: Path, lines: dict[str, int]) -> None:
+    """The first `lines[name]` lines of each data_samples/ file `name`, written into `folder`."""
+    for name, count in lines.items():
+        text = (ROOT / "data_samples" / name).read_text(encoding="utf-8").splitlines(keepends=True)[:count]
+        (folder / name).write_text("".join(text), encoding="utf-8")
+
+
+def write_yaml(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def add_trainer_callback(monkeypatch, callback) -> None:

@@ -14,8 +14,6 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ import yaml
 from rlhf.artifacts import read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
 from rlhf.config import load_pipeline, stage_config_dict
 
-from pipeline_helpers import add_trainer_callback, clone, run, run_killed, run_once
+from pipeline_helpers import add_trainer_callback, clone, run, run_killed, run_once, write_subsets, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -34,11 +32,7 @@ ATOL = 1e-6
 
 def write_pipeline(folder: Path) -> Path:
     """The fixture pipeline with its data cut to small subsets of data_samples/ inside `folder`."""
-    samples = ROOT / "data_samples"
-    subsets = {"corpus.txt": 400, "sft.jsonl": 40, "eval.jsonl": 8}  # lines
-    for name, lines in subsets.items():
-        text = (samples / name).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
-        (folder / name).write_text("".join(text), encoding="utf-8")
+    write_subsets(folder, {"corpus.txt": 400, "sft.jsonl": 40, "eval.jsonl": 8})
     tree = yaml.safe_load(FIXTURE.read_text(encoding="utf-8"))
     tree["run_dir"] = str(folder / "run")
     stages = tree["stages"]
@@ -46,9 +40,7 @@ def write_pipeline(folder: Path) -> Path:
     stages["pretrain"]["data"] = [str(folder / "corpus.txt")]
     stages["sft"]["data"] = str(folder / "sft.jsonl")
     stages["sft"]["eval_prompts"] = str(folder / "eval.jsonl")
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-    return path
+    return write_yaml(folder / "tiny.yaml", tree)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
 from rlhf.cli import main
 
-from pipeline_helpers import clone, run, run_once
+from pipeline_helpers import clone, run, run_once, write_subsets, write_yaml
 
 # Tiny policies give noisy k1 estimates; the stage's negative-KL warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
@@ -41,18 +40,14 @@ PPO_COLUMNS = (
 
 def write_pipeline(folder: Path) -> Path:
     """Tiny versions of the demo's five stages on subsets of data_samples/ written inside `folder`."""
-    samples = ROOT / "data_samples"
-    subsets = {"corpus.txt": 400, "sft.jsonl": 64, "preferences.jsonl": 48, "ppo_prompts.jsonl": 16, "eval.jsonl": 8}
-    for name, lines in subsets.items():
-        text = (samples / name).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
-        (folder / name).write_text("".join(text), encoding="utf-8")
+    write_subsets(folder, {"corpus.txt": 400, "sft.jsonl": 64, "preferences.jsonl": 48, "ppo_prompts.jsonl": 16, "eval.jsonl": 8})
     common = dict(eval_batch_size=8, lr=1.0e-3, log_every=1, save_every=100)
     tree = {
         "run_dir": str(folder / "run"),
         "seed": 0,
         "stages": {
             "tokenizer": {"data": [str(folder / "corpus.txt")], "vocab_size": 300},
-            "pretrain": {"data": [str(folder / "corpus.txt")], "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64},
+            "pretrain": {"data": [str(folder / "corpus.txt")], "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 96},
                          "max_steps": 4, "batch_size": 4, **common},
             "sft": {"data": str(folder / "sft.jsonl"), "max_steps": 3, "batch_size": 4, **common},
             "reward": {"data": str(folder / "preferences.jsonl"), "max_steps": 3, "batch_size": 4, "eval_rows": 8,
@@ -62,9 +57,7 @@ def write_pipeline(folder: Path) -> Path:
                     "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge"},
         },
     }  # fmt: skip
-    path = folder / "tiny_rlhf.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-    return path
+    return write_yaml(folder / "tiny_rlhf.yaml", tree)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
     def upstream(config) -> tuple[str, ...]   stages whose outputs it reads
     def inputs(config) -> list[str]    data files it reads (hashed into the fingerprint)
+    def read_inputs(config)            reads and checks those files (and plug-ins) without any model:
+                                       the pipeline calls it for every stage before any stage runs
     def run(ctx: StageContext) -> dict final metrics (kept in the manifest)
 
 and reads its upstream stages' outputs only through the artifact directory (`ctx.upstream`).
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import invalidate, read_manifest
-from rlhf.errors import ArtifactError
+from rlhf.errors import ArtifactError, ConfigError
 
 
 @dataclass
@@ -29,6 +31,8 @@ class StageContext:
     """Hash of config, inputs and upstream outputs: checkpoints from another fingerprint are not resumed."""
     fresh: bool = False
     """Re-running a stage that had completed (--force, --from): its checkpoints are discarded, not resumed."""
+    source: str = ""
+    """The pipeline YAML, named by errors about the stage's settings."""
 
     @property
     def out_dir(self) -> Path:
@@ -41,6 +45,10 @@ class StageContext:
         if manifest is None or manifest.get("status") != "complete":
             raise ArtifactError(f"{folder}: stage '{stage}' has not completed; run it first (rlhf run --only {stage})")
         return folder
+
+    def setting_error(self, key: str, problem: str) -> ConfigError:
+        """A setting that does not fit the upstream models, named as in the YAML."""
+        return ConfigError(f"{self.source}: stages.{self.name}.{key}: {problem}")
 
     def begin(self) -> Path:
         """Called once the inputs are checked: from here the stage's old outputs are replaced."""

@@ -16,6 +16,7 @@ import math
 import random
 import warnings
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 from rlhf.config import PPOConfig
 from rlhf.data import check_prompt_rows, read_rows
@@ -30,6 +31,28 @@ def upstream(config: PPOConfig) -> tuple[str, ...]:
 
 def inputs(config: PPOConfig) -> list[str]:
     return [config.prompts] + ([config.eval_prompts] if config.eval_prompts else [])
+
+
+class PPOInputs(NamedTuple):
+    prompts: list[Any]
+    eval_prompts: list[Any]
+    reward_functions: list[Callable]
+    judge: Callable | None
+
+
+def read_inputs(config: PPOConfig) -> PPOInputs:
+    """The checked training and held-out prompts, the extra reward functions and the judge."""
+    from rlhf.responses import load_function
+
+    prompts, eval_prompts = [], []
+    for name, kept in ((config.prompts, prompts), (config.eval_prompts, eval_prompts)):
+        if name:
+            rows = read_rows(name)
+            check_prompt_rows(name, rows)
+            kept += [row["prompt"] for row in rows]
+    reward_functions = [load_function(name, f"reward_functions[{i}]") for i, name in enumerate(config.reward_functions)]
+    judge = load_function(config.judge, "judge") if config.judge else None
+    return PPOInputs(prompts, eval_prompts, reward_functions, judge)
 
 
 def prompt_order(n_prompts: int, step: int, batch: int, seed: int) -> list[int]:
@@ -105,33 +128,32 @@ def run(ctx: StageContext) -> dict:
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.artifacts import CHECKPOINTS, append_metrics, truncate_metrics
-    from rlhf.errors import TrainingDiverged
+    from rlhf.errors import ArtifactError, TrainingDiverged
     from rlhf.evaluation import sample_policy
     from rlhf.model import set_dropout
     from rlhf.ppo import PPOModels, make_rollout, ppo_update
     from rlhf.ppo_math import AdaptiveKLController, FixedKLController
-    from rlhf.responses import encode_prompts, load_function, prompt_text
+    from rlhf.responses import encode_prompts, prompt_text
+    from rlhf.tokenizer import check_fits_model
     from rlhf.training import GracefulStop, precision_flags
 
     config: PPOConfig = ctx.config
 
-    # 1. Read prompts and plug-ins; load the SFT policy, its tokenizer and the reward model.
-    rows = read_rows(config.prompts)
-    check_prompt_rows(config.prompts, rows)
-    prompts = [row["prompt"] for row in rows]
-    reward_functions = [load_function(name) for name in config.reward_functions]
-    judge = load_function(config.judge) if config.judge else None
-    eval_prompts = []
-    if config.eval_prompts:
-        eval_rows = read_rows(config.eval_prompts)
-        check_prompt_rows(config.eval_prompts, eval_rows)
-        eval_prompts = [row["prompt"] for row in eval_rows]
+    # 1. Read prompts and plug-ins; check the upstream models fit one tokenizer; load the models.
+    prompts, eval_prompts, reward_functions, judge = read_inputs(config)
     sft_dir, reward_dir = ctx.upstream("sft"), ctx.upstream("reward")
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    if AutoTokenizer.from_pretrained(reward_dir).get_vocab() != tokenizer.get_vocab():
+        raise ArtifactError(f"{reward_dir}: the reward model's tokenizer differs from {sft_dir}'s; re-run the reward stage")
+    for folder in (sft_dir, reward_dir):
+        check_fits_model(tokenizer, AutoConfig.from_pretrained(folder), folder)
+    context = AutoConfig.from_pretrained(sft_dir).n_positions
+    if config.max_new_tokens >= context:
+        raise ctx.setting_error("max_new_tokens", f"{config.max_new_tokens} leaves no room for a prompt in the policy's context ({context})")
     out_dir = ctx.begin()
 
     flags = precision_flags(config.amp)

@@ -14,12 +14,17 @@ from rlhf.data import read_text_documents
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
+
 def upstream(config) -> tuple[str, ...]:
     return ("tokenizer",)
 
 
 def inputs(config: PretrainConfig) -> list[str]:
     return list(config.data)
+
+
+def read_inputs(config: PretrainConfig) -> list[str]:
+    return read_text_documents(config.data, config.text_column, config.exclude_last_rows)
 
 
 def token_stream(tokenizer, documents: list[str]) -> list[int]:
@@ -50,7 +55,7 @@ def run(ctx: StageContext) -> dict:
     block_size = config.block_size or config.model.n_positions
 
     # 1. Read the corpus and the tokenizer; hold out the tail of the token stream.
-    documents = read_text_documents(config.data, config.text_column, config.exclude_last_rows)
+    documents = read_inputs(config)
     tokenizer = AutoTokenizer.from_pretrained(ctx.upstream("tokenizer"))
     stream = token_stream(tokenizer, documents)
     held_out = max(block_size, int(len(stream) * config.eval_fraction))

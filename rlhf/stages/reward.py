@@ -15,7 +15,7 @@ import statistics
 
 from rlhf.config import RewardConfig
 from rlhf.data import preference_pairs, read_rows
-from rlhf.errors import ConfigError
+from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
 
@@ -33,6 +33,18 @@ def split_rows(rows: list, config: RewardConfig) -> tuple[list, list]:
     if config.eval_rows:
         return rows[: -config.eval_rows], rows[-config.eval_rows :]
     return split_tail(rows, config.eval_fraction)
+
+
+def read_inputs(config: RewardConfig) -> tuple[list[dict], list[dict], int]:
+    """(training pairs, held-out pairs, hh-rlhf rows skipped for an empty final answer), checked.
+
+    The split comes before conversion, so the held-out rows are fixed.
+    """
+    rows = read_rows(config.data)
+    train_rows, eval_rows = split_rows(rows, config)
+    train_pairs, skipped_train = preference_pairs(config.data, train_rows)
+    eval_pairs, skipped_eval = preference_pairs(config.data, eval_rows)
+    return train_pairs, eval_pairs, len(skipped_train) + len(skipped_eval)
 
 
 def pair_lengths(tokenizer, pair: dict) -> int:
@@ -63,16 +75,13 @@ def run(ctx: StageContext) -> dict:
     from rlhf.model import set_dropout
     from rlhf.responses import sample_responses
     from rlhf.scoring import RewardScorer
+    from rlhf.tokenizer import check_fits_model
     from rlhf.training import train, trainer_arguments
 
     config: RewardConfig = ctx.config
 
     # 1. Read and check the pairs; split before conversion so the test rows are fixed.
-    rows = read_rows(config.data)
-    train_rows, eval_rows = split_rows(rows, config)
-    train_pairs, skipped_train = preference_pairs(config.data, train_rows)
-    eval_pairs, skipped_eval = preference_pairs(config.data, eval_rows)
-    skipped = len(skipped_train) + len(skipped_eval)
+    train_pairs, eval_pairs, skipped = read_inputs(config)
     if skipped:
         print(f"reward: skipped {skipped} hh-rlhf pairs whose final answer is empty")
 
@@ -81,11 +90,14 @@ def run(ctx: StageContext) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
     torch.manual_seed(ctx.seed)  # the new score head's initialisation
     model = AutoModelForSequenceClassification.from_pretrained(init_dir, num_labels=1)
+    check_fits_model(tokenizer, model.config, init_dir)
     set_dropout(model, 0.0)
     max_length = config.max_length or model.config.n_positions
     if max_length > model.config.n_positions:
-        raise ConfigError(f"reward.max_length {max_length} exceeds the model's context ({model.config.n_positions})")
+        raise ctx.setting_error("max_length", f"{max_length} exceeds the model's context ({model.config.n_positions})")
     too_long = sum(pair_lengths(tokenizer, p) > max_length for p in train_pairs)
+    if too_long == len(train_pairs):
+        raise DataError(f"{config.data}: every training pair is longer than max_length {max_length} tokens")
     if too_long:
         print(f"reward: {too_long} of {len(train_pairs)} training pairs exceed max_length {max_length} and are left out")
     out_dir = ctx.begin()

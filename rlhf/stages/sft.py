@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 
+from typing import Any, Callable, NamedTuple
+
 from rlhf.config import SFTConfig
-from rlhf.errors import ConfigError
 from rlhf.data import check_prompt_rows, check_sft_rows, read_rows, split_tail
+from rlhf.errors import DataError
 from rlhf.stages import StageContext
+
 
 def upstream(config) -> tuple[str, ...]:
     return ("pretrain",)
@@ -22,6 +25,28 @@ def upstream(config) -> tuple[str, ...]:
 
 def inputs(config: SFTConfig) -> list[str]:
     return [config.data] + ([config.eval_prompts] if config.eval_prompts else [])
+
+
+class SFTInputs(NamedTuple):
+    rows: list[dict]
+    data_format: str
+    """'messages' or 'prompt_completion'."""
+    judge: Callable | None
+    judge_prompts: list[Any]
+
+
+def read_inputs(config: SFTConfig) -> SFTInputs:
+    """The checked demonstrations, and the judge with its held-out prompts if configured."""
+    from rlhf.responses import load_function
+
+    rows = read_rows(config.data)
+    data_format = check_sft_rows(config.data, rows)
+    judge, judge_prompts = None, []
+    if config.judge:
+        prompt_rows = read_rows(config.eval_prompts)
+        check_prompt_rows(config.eval_prompts, prompt_rows)
+        judge, judge_prompts = load_function(config.judge, "judge"), [row["prompt"] for row in prompt_rows]
+    return SFTInputs(rows, data_format, judge, judge_prompts)
 
 
 def rendered_lengths(tokenizer, rows: list[dict], data_format: str) -> list[int]:
@@ -41,6 +66,17 @@ def rendered_lengths(tokenizer, rows: list[dict], data_format: str) -> list[int]
     return lengths
 
 
+def check_lengths(path: str, lengths: list[int], max_length: int) -> None:
+    """Refuse examples longer than `max_length`: truncating one would cut its answer and closing EOS."""
+    too_long = [number for number, length in enumerate(lengths, start=1) if length > max_length]
+    if too_long:
+        first = too_long[0]
+        raise DataError(
+            f"{path}: row {first}: {lengths[first - 1]} tokens, longer than max_length {max_length} "
+            f"({len(too_long)} of {len(lengths)} rows are); shorten or drop such rows"
+        )
+
+
 def judge_policy(model, tokenizer, config: SFTConfig, prompts: list, judge, seed: int) -> float:
     from rlhf.responses import judge_mean, sample_responses
 
@@ -56,34 +92,26 @@ def run(ctx: StageContext) -> dict:
     from trl import SFTTrainer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
-    from rlhf.responses import load_function
+    from rlhf.tokenizer import check_fits_model
     from rlhf.training import train, trainer_arguments
 
     config: SFTConfig = ctx.config
 
     # 1. Read and check the demonstrations (and judge prompts); hold out the last rows.
-    rows = read_rows(config.data)
-    data_format = check_sft_rows(config.data, rows)
+    rows, data_format, judge, judge_prompts = read_inputs(config)
     train_rows, eval_rows = split_tail(rows, config.eval_fraction)
-    judge, judge_prompts = None, []
-    if config.judge:
-        judge = load_function(config.judge)
-        prompt_rows = read_rows(config.eval_prompts)
-        check_prompt_rows(config.eval_prompts, prompt_rows)
-        judge_prompts = [row["prompt"] for row in prompt_rows]
 
-    # 2. Load the pretrained model and tokenizer; count examples the context cannot hold.
+    # 2. Load the pretrained model and tokenizer; refuse examples the context cannot hold.
     pretrained = ctx.upstream("pretrain")
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
     model = AutoModelForCausalLM.from_pretrained(pretrained)
+    check_fits_model(tokenizer, model.config, pretrained)
     max_length = config.max_length or model.config.n_positions
     if max_length > model.config.n_positions:
-        raise ConfigError(f"sft.max_length {max_length} exceeds the pretrained model's context ({model.config.n_positions})")
-    too_long = sum(n > max_length for n in rendered_lengths(tokenizer, rows, data_format))
-    if too_long:
-        print(f"sft: {too_long} of {len(rows)} examples exceed max_length {max_length} tokens and are truncated")
+        raise ctx.setting_error("max_length", f"{max_length} exceeds the pretrained model's context ({model.config.n_positions})")
+    check_lengths(config.data, rendered_lengths(tokenizer, rows, data_format), max_length)
     out_dir = ctx.begin()
-    metrics: dict = {"examples": len(rows), "truncated_examples": too_long}
+    metrics: dict = {"examples": len(rows)}
     if judge:
         metrics["judge_before"] = judge_policy(model, tokenizer, config, judge_prompts, judge, ctx.seed)
 

@@ -16,11 +16,8 @@ def inputs(config: TokenizerConfig) -> list[str]:
     return list(config.data)
 
 
-def run(ctx: StageContext) -> dict:
-    from rlhf.tokenizer import save_tokenizer, train_tokenizer
-
-    config: TokenizerConfig = ctx.config
-    # 1. Gather text: plain-text files whole, every string of tabular files.
+def read_inputs(config: TokenizerConfig) -> list[str]:
+    """The training text: plain-text files whole, every string of tabular files."""
     texts = []
     for name in config.data:
         if Path(name).suffix == ".txt":
@@ -28,6 +25,15 @@ def run(ctx: StageContext) -> dict:
         else:
             rows = read_rows(name)
             texts += [s for row in rows[: len(rows) - config.exclude_last_rows] for s in all_strings(row)]
+    return texts
+
+
+def run(ctx: StageContext) -> dict:
+    from rlhf.tokenizer import save_tokenizer, train_tokenizer
+
+    config: TokenizerConfig = ctx.config
+    # 1. Gather text: plain-text files whole, every string of tabular files.
+    texts = read_inputs(config)
     # 2. Train and save.
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, kind=config.kind)
     save_tokenizer(tokenizer, ctx.begin())
