@@ -7,8 +7,9 @@ import io
 import os
 import shutil
 import signal
-import subprocess
-import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,38 +68,70 @@ def add_trainer_callback(monkeypatch, callback) -> None:
     monkeypatch.setattr(training, "train", train)
 
 
-# `rlhf ARGS` in a process that SIGKILLs itself at a Trainer callback event of a given step.
-KILL_AT_STEP = """
-import os, signal, sys
-from transformers import TrainerCallback
-import rlhf.training as training
+def at_step(monkeypatch, event: str, step: int, action) -> None:
+    """Make every Trainer of this process call `action()` at `event` (a TrainerCallback method) of `step`."""
+    from transformers import TrainerCallback
 
-step, event = int(os.environ["KILL_STEP"]), os.environ["KILL_EVENT"]
+    class Act(TrainerCallback):
+        pass
 
-class Kill(TrainerCallback):
-    pass
+    def act(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            action()
 
-def kill(self, args, state, control, **kwargs):
-    if state.global_step == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-setattr(Kill, event, kill)
-real = training.train
-def train(trainer, *args, **kwargs):
-    trainer.add_callback(Kill())
-    return real(trainer, *args, **kwargs)
-training.train = train
-
-from rlhf.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+    setattr(Act, event, act)
+    add_trainer_callback(monkeypatch, Act())
 
 
-def run_killed(*args, step: int, event: str = "on_step_end") -> subprocess.CompletedProcess:
-    """`rlhf run ARGS` in a subprocess killed with SIGKILL at `event` (a TrainerCallback method) of `step`."""
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_AT_STEP, "run", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_STEP": str(step), "KILL_EVENT": event},
-    )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, f"not killed at {event} of step {step}: {killed.stderr[-3000:]}"
-    return killed
+def at_ppo_update(monkeypatch, iteration: int, action) -> None:
+    """Make PPO call `action()` as it starts the update of the `iteration`-th iteration this process runs."""
+    import rlhf.ppo
+
+    real, calls = rlhf.ppo.ppo_update, []
+
+    def update(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == iteration:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf.ppo, "ppo_update", update)
+
+
+def run_killed(*args, step: int, event: str = "on_step_end", timeout: float = 300) -> None:
+    """`rlhf run ARGS` in a child process that SIGKILLs itself at `event` of `step`: a TrainerCallback method
+    (e.g. 'on_step_end'), or 'ppo_update' (as the update of PPO iteration `step` starts).
+
+    The child is forked from this process, torch and transformers already imported (a fresh interpreter
+    would spend most of the test importing them); its output goes to a log shown if it is not killed.
+    """
+    import pytest
+
+    with tempfile.TemporaryFile("w+") as log:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                kill = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+                if event == "ppo_update":
+                    at_ppo_update(pytest.MonkeyPatch(), step, kill)
+                else:
+                    at_step(pytest.MonkeyPatch(), event, step, kill)
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    main(["run", *map(str, args)])
+            except BaseException:
+                traceback.print_exc(file=log)
+            finally:
+                log.flush()
+                os._exit(1)
+        deadline = time.monotonic() + timeout
+        done, status = os.waitpid(pid, os.WNOHANG)
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.05)
+            done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:  # hung: end it, and fail below
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = 0
+        log.seek(0)
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert killed, f"not killed at {event} of step {step} (status {status}): {log.read()[-3000:]}"

@@ -22,7 +22,7 @@ import yaml
 from rlhf.artifacts import read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
 from rlhf.config import load_pipeline, stage_config_dict
 
-from pipeline_helpers import add_trainer_callback, clone, run, run_killed, run_once, write_subsets, write_yaml
+from pipeline_helpers import add_trainer_callback, at_step, clone, run, run_killed, run_once, write_subsets, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -253,21 +253,6 @@ def test_force_reruns_everything(base, tmp_path, capsys) -> None:
 
 
 # ----------------------------------------------------------------------------- resume
-
-
-def at_step(monkeypatch, event: str, step: int, action) -> None:
-    """Make every Trainer of this process call `action()` at `event` (a TrainerCallback method) of `step`."""
-    from transformers import TrainerCallback
-
-    class Act(TrainerCallback):
-        pass
-
-    def act(self, args, state, control, **kwargs):
-        if state.global_step == step:
-            action()
-
-    setattr(Act, event, act)
-    add_trainer_callback(monkeypatch, Act())
 
 
 def check_resumed(base, run_dir: Path, out: str, checkpoint: str = "checkpoint-3") -> None:

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ import pytest
 from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
 from rlhf.cli import main
 
-from pipeline_helpers import clone, run, run_once, write_subsets, write_yaml
+from pipeline_helpers import at_ppo_update, clone, run, run_killed, run_once, write_subsets, write_yaml
 
 # Tiny policies give noisy k1 estimates; the stage's negative-KL warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
@@ -51,7 +52,7 @@ def write_pipeline(folder: Path) -> Path:
                          "max_steps": 4, "batch_size": 4, **common},
             "sft": {"data": str(folder / "sft.jsonl"), "max_steps": 3, "batch_size": 4, **common},
             "reward": {"data": str(folder / "preferences.jsonl"), "max_steps": 3, "batch_size": 4, "eval_rows": 8,
-                       "norm_prompts": 8, "norm_max_new_tokens": 8, **common},
+                       "norm_prompts": 8, "norm_max_new_tokens": 8, **common, "save_every": 1},
             "ppo": {"prompts": str(folder / "ppo_prompts.jsonl"), "steps": PPO_STEPS, "rollout_batch_size": ROLLOUT,
                     "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8, "save_every": 2,
                     "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge"},
@@ -122,6 +123,25 @@ def test_reward_accuracy_rescored_from_the_saved_model(base) -> None:
     rejected = scorer.score(prompts, [p["rejected"] for p in pairs], normalised=False)
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
     assert read_manifest(base.run_dir / "reward")["metrics"]["eval_accuracy"] == pytest.approx(accuracy)
+
+
+def test_reward_killed_at_a_random_step_resumes_to_the_same_model(base, tmp_path, capsys) -> None:
+    """SIGKILL at the end of a random reward step (1-2 of 3; a checkpoint every step) loses at most that
+    step: the same command ends with the uninterrupted run's weights and normalisation (atol 1e-5)."""
+    step = random.randint(1, 2)
+    run_dir = clone(base, tmp_path)
+    for stage in ("reward", "ppo"):
+        shutil.rmtree(run_dir / stage)
+    run_killed(base.pipeline, "--run-dir", run_dir, "--only", "reward", step=step)
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "reward")
+    assert code == 0, err[-3000:]
+    resumed = f"resuming from {run_dir / 'reward' / 'checkpoints' / f'checkpoint-{step - 1}'}"
+    assert (resumed in out) if step > 1 else ("resuming from" not in out), f"killed at step {step}"
+    diff = max_weight_diff(run_dir / "reward" / "model.safetensors", base.run_dir / "reward" / "model.safetensors")
+    assert diff <= WEIGHT_ATOL, f"killed at step {step}: max |diff| {diff:.3g} > atol {WEIGHT_ATOL}"
+    again, original = (read_manifest(folder / "reward")["metrics"] for folder in (run_dir, base.run_dir))
+    for key in ("reward_mean", "reward_std", "eval_accuracy"):
+        assert again[key] == pytest.approx(original[key], abs=METRIC_ATOL), f"killed at step {step}: {key}"
 
 
 # ----------------------------------------------------------------------------- ppo stage
@@ -207,6 +227,42 @@ def test_ppo_resumes_from_checkpoint_along_the_same_curve(base, resumed) -> None
     for new, old in zip(again[2:], original[2:]):
         for key in ("score", "rm_score", "kl", "beta", "judge", "response_length", "policy_loss", "value_loss", "lr"):
             assert new[key] == pytest.approx(old[key], abs=METRIC_ATOL), f"step {new['step']} {key}: {new[key]} vs {old[key]} (atol {METRIC_ATOL})"
+
+
+def test_sigterm_saves_a_checkpoint_after_the_iteration_and_resumes(base, tmp_path, capsys, monkeypatch) -> None:
+    """SIGTERM during iteration 3 (checkpoints every 2): step-3 is saved, the run exits 130 and the same
+    command ends with the uninterrupted run's policy (atol 1e-5)."""
+    import signal
+
+    run_dir = interrupted_copy(base, tmp_path)
+    shutil.rmtree(run_dir / "ppo" / "checkpoints" / "step-2")
+    with monkeypatch.context() as patch:
+        at_ppo_update(patch, 3, lambda: signal.raise_signal(signal.SIGTERM))
+        code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
+    checkpoint = run_dir / "ppo" / "checkpoints" / "step-3"
+    assert code == 130 and f"ppo: stopped by SIGTERM; saved {checkpoint}" in err, err[-3000:]
+    assert (checkpoint / "state.json").is_file() and read_manifest(run_dir / "ppo") is None
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
+    assert code == 0 and f"resuming from {checkpoint}" in out, err[-3000:]
+    diff = max_weight_diff(run_dir / "ppo" / "model.safetensors", base.run_dir / "ppo" / "model.safetensors")
+    assert diff <= WEIGHT_ATOL, f"max |diff| {diff:.3g} > atol {WEIGHT_ATOL}"
+
+
+def test_ppo_killed_at_a_random_iteration_resumes_to_the_same_models(base, tmp_path, capsys) -> None:
+    """SIGKILL during the update of a random PPO iteration (1-4; checkpoints every 2) loses at most the
+    iterations since the last checkpoint: the same command ends with the uninterrupted run's policy and
+    value model (atol 1e-5)."""
+    step = random.randint(1, PPO_STEPS)
+    run_dir = clone(base, tmp_path)
+    shutil.rmtree(run_dir / "ppo")
+    run_killed(base.pipeline, "--run-dir", run_dir, "--only", "ppo", step=step, event="ppo_update")
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
+    assert code == 0, err[-3000:]
+    resumed = f"resuming from {run_dir / 'ppo' / 'checkpoints' / 'step-2'}"
+    assert (resumed in out) if step > 2 else ("resuming from" not in out), f"killed in iteration {step}"
+    for model in ("model.safetensors", "value/model.safetensors"):
+        diff = max_weight_diff(run_dir / "ppo" / model, base.run_dir / "ppo" / model)
+        assert diff <= WEIGHT_ATOL, f"killed in iteration {step}: {model} max |diff| {diff:.3g} > atol {WEIGHT_ATOL}"
 
 
 def test_resumed_eval_metrics_equal_the_uninterrupted_run(base, resumed) -> None:
