@@ -124,8 +124,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     rows = [{"prompt": args.prompt}] if args.prompt is not None else read_rows(args.prompts)
     check_prompt_rows(args.prompts or "--prompt", rows)
-    if args.prompt is not None and not args.prompt.strip():
-        raise UserError("--prompt: empty prompt")
     model, tokenizer = load_policy(args.model)
     prompts = [row["prompt"] for row in rows]
     responses = sample_responses(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed,

@@ -9,25 +9,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from rlhf.cli import main
-
-from pipeline_helpers import run_once
-from test_reward_ppo_stages import write_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("report")
-    path = write_pipeline(folder)
-    tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    tree["stages"]["report"] = {"eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge",
-                                "max_new_tokens": 8, "batch_size": 4}  # fmt: skip
-    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-    return run_once(path, folder)
+def base(tiny_rlhf):
+    return tiny_rlhf
 
 
 def compare(capsys, *args) -> tuple[int, str, str]:
