@@ -255,6 +255,20 @@ def legend_text(result: dict) -> str:
     )
 
 
+def _save(figure, axis, title: str, x_label: str, y_label: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    axis.set_title(title)
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(y_label)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
 def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
     """score_distribution.png, and kl_vs_score.png when KL was measured."""
     import matplotlib
@@ -265,21 +279,14 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
     samples = result["samples"]
     names = [row["policy"] for row in result["policies"]]
     scores = {name: samples["policy:" + name]["rm_scores"] for name in names}
-    written = []
+    score_label = "reward-model score (normalised: SFT policy mean 0, std 1)"
     figure, axis = plt.subplots(figsize=(7, 4))
     everything = [s for values in scores.values() for s in values]
     bins = [min(everything) + (max(everything) - min(everything) + 1e-9) * i / 30 for i in range(31)]
     for name, values in scores.items():
         axis.hist(values, bins=bins, histtype="step", linewidth=1.8, label=f"{name} (mean {sum(values) / len(values):.2f})")
-    axis.set_title(f"Reward-model scores on {result['prompts']} held-out prompts")
-    axis.set_xlabel("reward-model score (normalised: SFT policy mean 0, std 1)")
-    axis.set_ylabel("responses")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    written.append(out_dir / "score_distribution.png")
-    figure.savefig(written[-1], dpi=90)
-    plt.close(figure)
+    written = [_save(figure, axis, f"Reward-model scores on {result['prompts']} held-out prompts", score_label,
+                     "responses", out_dir / "score_distribution.png")]  # fmt: skip
     if all(samples["policy:" + name]["kl"] for name in names):
         figure, axis = plt.subplots(figsize=(7, 4))
         for name in names:
@@ -288,15 +295,9 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
             axis.scatter([sum(kl) / len(kl)], [sum(scores[name]) / len(kl)], s=160, marker="X",
                          color=points.get_facecolor()[0], edgecolor="black", alpha=1.0)  # fmt: skip
         axis.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, logarithmic above
-        axis.set_title("KL to the reference policy against reward-model score (X: means)")
-        axis.set_xlabel(f"KL(policy || {result['settings']['reference']}) per response (nats, symlog scale)")
-        axis.set_ylabel("reward-model score (normalised)")
-        axis.legend()
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        written.append(out_dir / "kl_vs_score.png")
-        figure.savefig(written[-1], dpi=90)
-        plt.close(figure)
+        written.append(_save(figure, axis, "KL to the reference policy against reward-model score (X: means)",
+                             f"KL(policy || {result['settings']['reference']}) per response (nats, symlog scale)",
+                             "reward-model score (normalised)", out_dir / "kl_vs_score.png"))  # fmt: skip
     return written
 
 
