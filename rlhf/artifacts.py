@@ -58,6 +58,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def check_model_dir(path: str | Path, architecture: str, what: str) -> None:
+    """Refuse `path` unless it is a save_pretrained folder of `architecture` (e.g. RlhfForCausalLM)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ArtifactError(f"{path}: not a model directory (no config.json); expected {what}")
+    found = json.loads(config.read_text()).get("architectures") or []
+    if architecture not in found:
+        raise ArtifactError(f"{path}: expected {what} ({architecture}), found {', '.join(found) or 'no architecture'}")
+
+
 def read_manifest(stage_dir: str | Path) -> dict | None:
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -42,17 +43,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    from rlhf.artifacts import check_model_dir
     from rlhf.errors import UserError
 
-    config_file = Path(args.reward) / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{args.reward}: not a reward model directory (no config.json)")
-    import json
-
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    if "RlhfForSequenceClassification" not in architectures:
-        raise UserError(f"{args.reward}: not a reward model ({', '.join(architectures) or 'unknown architecture'}); "
-                        "use the reward stage's output, e.g. runs/demo/reward")  # fmt: skip
+    check_model_dir(args.reward, "RlhfForSequenceClassification", "a reward model (the reward stage's output, e.g. runs/demo/reward)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.out and Path(args.out).suffix not in (".jsonl", ".csv"):
@@ -71,6 +65,116 @@ def cmd_score(args: argparse.Namespace) -> None:
     if "accuracy" in summary:
         print(f"pairwise accuracy: {summary['accuracy']:.4f}")
     print("(scores normalised to mean 0, std 1 under the SFT policy; raw scores in the *_raw columns)")
+
+
+def _sampling(args: argparse.Namespace) -> None:
+    from rlhf.errors import UserError
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from rlhf.compare import CompareSettings, compare_policies, format_table, write_comparison
+
+    _sampling(args)
+    settings = CompareSettings(
+        prompts=args.prompts, reward=args.reward, reference=args.reference, samples=args.samples, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
+        eval_data=args.eval_data, batch_size=args.batch_size,
+    )  # fmt: skip
+    result = compare_policies(args.policies, settings)
+    print(format_table(result))
+    for path in write_comparison(result, args.out):
+        print(f"wrote {path}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rlhf.evaluation import evaluate_model, format_evaluation
+
+    _sampling(args)
+    result = evaluate_model(args.model, args.data, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed, batch_size=args.batch_size, samples=args.samples)  # fmt: skip
+    print(format_evaluation(result))
+    if args.out:
+        import json
+
+        from rlhf.artifacts import atomic_write_text
+        from rlhf.compare import finite
+
+        atomic_write_text(args.out, json.dumps(finite(result), indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import json
+
+    from rlhf.errors import UserError
+
+    _sampling(args)
+    if (args.prompt is None) == (args.prompts is None):
+        raise UserError("give --prompt TEXT or --prompts FILE")
+    from rlhf.data import check_prompt_rows, read_rows
+    from rlhf.evaluation import load_policy
+    from rlhf.responses import prompt_text, sample_responses
+
+    rows = [{"prompt": args.prompt}] if args.prompt is not None else read_rows(args.prompts)
+    check_prompt_rows(args.prompts or "--prompt", rows)
+    model, tokenizer = load_policy(args.model)
+    prompts = [row["prompt"] for row in rows]
+    responses = sample_responses(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed,
+                                 top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+    if args.prompt is not None:
+        print(responses[0])
+        return
+    lines = [json.dumps({"prompt": p, "response": r}, ensure_ascii=False) for p, r in zip(prompts, responses)]
+    if args.out:
+        from rlhf.artifacts import atomic_write_text
+
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} responses to {args.out}")
+    else:
+        for prompt, response in zip(prompts, responses):
+            print(f"> {prompt_text(prompt)}\n{response}\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    _sampling(args)
+    from rlhf.evaluation import load_policy
+    from rlhf.responses import encode_prompts, sample_responses
+
+    model, tokenizer = load_policy(args.model)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print(f"chatting with {args.model} (context {model.config.n_positions} tokens); /reset starts over, /quit or Ctrl-D ends")
+    turn = 0
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history = []
+            print("(history cleared)")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        conversation = system + history
+        if len(encode_prompts(tokenizer, [conversation])[0]) > model.config.n_positions - args.max_new_tokens:
+            print("(the conversation is longer than the context: the model sees only its end)")
+        reply = sample_responses(model, tokenizer, [conversation], args.max_new_tokens, args.temperature,
+                                 args.seed + turn, top_k=args.top_k, top_p=args.top_p)[0]  # fmt: skip
+        turn += 1
+        print(f"assistant> {reply}")
+        history.append({"role": "assistant", "content": reply or " "})
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -126,6 +230,59 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=32)
     score.set_defaults(handler=cmd_score)
 
+    def sampling_flags(command, temperature: float, max_new_tokens: int = 64, top: bool = False):
+        command.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"response length limit (default {max_new_tokens})")
+        command.add_argument("--temperature", type=float, default=temperature, help=f"sampling temperature; 0 is greedy (default {temperature})")
+        command.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+        if top:
+            command.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
+            command.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+
+    compare = commands.add_parser(
+        "compare", help="compare policies on the same held-out prompts (RM score, win rate and tests, KL, ...)",
+        description="Every policy answers the same prompts with the same sampling seeds; the first policy is the "
+        "baseline for win rates. Writes a table, compare.json, compare.md and PNG plots to --out.",
+    )  # fmt: skip
+    compare.add_argument("policies", nargs="+", metavar="POLICY", help="policy directories (e.g. runs/demo/sft runs/demo/ppo)")
+    compare.add_argument("--reward", required=True, metavar="DIR", help="reward model directory (e.g. runs/demo/reward)")
+    compare.add_argument("--prompts", required=True, metavar="FILE", help="held-out prompts; a 'reference' column adds BLEU and perplexity")
+    compare.add_argument("--reference", metavar="DIR", help="policy to measure KL against (usually the SFT model)")
+    compare.add_argument("--samples", type=int, default=0, metavar="N", help="use the first N prompts (default: all)")
+    compare.add_argument("--judge", metavar="MODULE:FUNCTION", help="gold judge, e.g. rlhf.demo_task:gold_judge")
+    compare.add_argument("--eval-data", metavar="FILE", help="held-out SFT data for perplexity (default: the prompts' references)")
+    compare.add_argument("--batch-size", type=int, default=64)
+    compare.add_argument("--out", default="compare", metavar="DIR", help="output directory (default: compare)")
+    sampling_flags(compare, temperature=1.0)
+    compare.set_defaults(handler=cmd_compare)
+
+    evaluate = commands.add_parser(
+        "eval", help="perplexity, next-token accuracy and BLEU of a model on a text or SFT dataset",
+        description="Text (.txt, or rows with a 'text' column): perplexity over every token. SFT data (messages, "
+        "prompt + completion, or prompt + reference): perplexity and next-token accuracy of the reference answers, "
+        "and corpus BLEU (sacrebleu) of the model's own responses against them.",
+    )  # fmt: skip
+    evaluate.add_argument("model", metavar="MODEL", help="model directory (e.g. runs/demo/sft)")
+    evaluate.add_argument("--data", required=True, metavar="FILE")
+    evaluate.add_argument("--samples", type=int, default=0, metavar="N", help="use the first N rows (default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--out", metavar="FILE", help="write the results as JSON")
+    sampling_flags(evaluate, temperature=0.0)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    generate = commands.add_parser("generate", help="sample responses to a prompt or a prompt file")
+    generate.add_argument("model", metavar="MODEL", help="model directory (e.g. runs/demo/ppo)")
+    generate.add_argument("--prompt", metavar="TEXT", help="one user message")
+    generate.add_argument("--prompts", metavar="FILE", help="a prompt file ('prompt' column)")
+    generate.add_argument("--out", metavar="FILE", help="with --prompts: write JSONL rows {prompt, response}")
+    sampling_flags(generate, temperature=0.7, top=True)
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="talk with a model interactively")
+    chat.add_argument("model", metavar="MODEL", help="model directory (e.g. runs/demo/ppo)")
+    chat.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
+    sampling_flags(chat, temperature=0.7, top=True)
+    chat.set_defaults(handler=cmd_chat)
+
     plot = commands.add_parser("plot", help="draw every stage's metrics into PNG curves (<run_dir>/plots/)")
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.set_defaults(handler=cmd_plot)
@@ -149,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = [item for item in extra if item not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # Loading a local checkpoint needs no "Loading weights" bar; our own bars show the long work.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from rlhf.errors import TrainingDiverged, UserError
 
     def terminated(signum, frame):  # SIGTERM ends a run like Ctrl-C: lock released, checkpoints kept

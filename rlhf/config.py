@@ -307,8 +307,42 @@ class PPOConfig(OptimizationConfig):
         _check(bool(self.eval_prompts) or not self.judge, "judge: needs eval_prompts")
 
 
+@dataclass
+class ReportConfig:
+    eval_prompts: str = ""
+    """Held-out prompts ('prompt' column); a 'reference' answer column adds BLEU and perplexity."""
+    policies: list[str] = field(default_factory=lambda: ["sft", "ppo", "pretrain"])
+    """Stages whose policies are compared, the first being the baseline of the win rates."""
+    reward: str = "reward"
+    """Stage whose reward model scores the responses."""
+    reference: str = "sft"
+    """Stage whose policy KL is measured against."""
+    judge: str = ""
+    """Optional 'module:function' gold judge of (prompts, responses), e.g. 'rlhf.demo_task:gold_judge'."""
+    eval_data: str = ""
+    """Held-out SFT-format data for perplexity; empty: the eval prompts' reference answers."""
+    samples: int = 0
+    """Use the first this many prompts; 0 means all."""
+    max_new_tokens: int = 64
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature (the PPO stage samples at its own; keep them equal to compare like with like)."""
+    batch_size: int = 64
+    """Prompts sampled together; part of the seeding, so `rlhf compare` must use the same to match."""
+
+    def __post_init__(self):
+        _check(bool(self.eval_prompts), "eval_prompts: give a prompt file")
+        _check(len(self.policies) > 0, "policies: name at least one stage")
+        for name in (*self.policies, self.reference):
+            _check(name in ("pretrain", "sft", "ppo"), f"policies and reference: {name!r} is not a policy stage (pretrain, sft, ppo)")
+        _check(self.samples >= 0 and self.batch_size > 0 and self.max_new_tokens > 0,
+               "samples >= 0, batch_size > 0 and max_new_tokens > 0 required")  # fmt: skip
+        _check(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig,
+    "report": ReportConfig,
 }  # fmt: skip
 
 

@@ -201,6 +201,39 @@ def check_prompt_rows(path: str | Path, rows: list[dict]) -> None:
         _check_text_or_messages(row["prompt"], f"{path}: row {number}: prompt", "user")
 
 
+def prompt_messages(prompt: Any) -> list[dict]:
+    """A prompt cell as chat messages: a string becomes one user message."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def prompts_and_references(path: str | Path, rows: list[dict]) -> list[tuple[list[dict], str | None]]:
+    """(prompt messages, reference answer or None) per row, for evaluation.
+
+    Accepts prompt files (`prompt`, optional `reference` string), prompt-completion rows and
+    `messages` rows (the reference is the last assistant message; the prompt, what precedes it).
+    """
+    first = rows[0]
+    if "messages" in first:
+        check_sft_rows(path, rows)
+        return [(list(row["messages"][:-1]), row["messages"][-1]["content"]) for row in rows]
+    if "completion" in first:
+        check_sft_rows(path, rows)
+        pairs = []
+        for row in rows:
+            completion = row["completion"]
+            answer = completion if isinstance(completion, str) else completion[-1]["content"]
+            pairs.append((prompt_messages(row["prompt"]), answer))
+        return pairs
+    check_prompt_rows(path, rows)
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        reference = row.get("reference")
+        if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+            raise DataError(f"{path}: row {number}: reference: expected a non-empty string, got {reference!r}")
+        pairs.append((prompt_messages(row["prompt"]), reference))
+    return pairs
+
+
 def split_tail(rows: list, fraction: float) -> tuple[list, list]:
     """(train, held-out): the last `fraction` of the rows is held out; at least one row each."""
     if len(rows) < 2:

@@ -1,12 +1,15 @@
-"""Evaluating a policy on held-out prompts: its samples, their reward-model scores, judge scores
-and KL to a reference policy. Every policy answers the same prompts with the same sampling seed."""
+"""Evaluating a policy: its samples on held-out prompts (reward-model scores, judge scores, KL to a
+reference policy; every policy answers the same prompts with the same sampling seed), and how
+well it predicts held-out text and reference answers (perplexity, next-token accuracy)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from rlhf.generation import generate, left_pad
 from rlhf.ppo_math import kl_k1
@@ -68,3 +71,144 @@ def sample_policy(
     if judge is not None:
         result.judge_scores = [float(s) for s in judge([prompt_text(p) for p in prompts], result.responses)]
     return result
+
+
+@dataclass
+class TokenStats:
+    """Next-token prediction over a set of target tokens."""
+
+    nll: float
+    """Summed negative log-likelihood (nats)."""
+    correct: int
+    """Targets that were the argmax prediction."""
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else float("nan")
+
+    def __add__(self, other: "TokenStats") -> "TokenStats":
+        return TokenStats(self.nll + other.nll, self.correct + other.correct, self.tokens + other.tokens)
+
+
+@torch.no_grad()
+def token_stats(model, sequences: list[list[int]], targets: list[list[bool]], pad_token_id: int, batch_size: int = 32) -> TokenStats:
+    """NLL and accuracy of predicting each token marked in `targets` from the tokens before it.
+
+    sequences: token id lists (each at most the model's context); targets: per token, whether it counts.
+    """
+    device = next(model.parameters()).device
+    total = TokenStats(0.0, 0, 0)
+    for start in range(0, len(sequences), batch_size):
+        rows, marks = sequences[start : start + batch_size], targets[start : start + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        counted = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (row, mark) in enumerate(zip(rows, marks)):  # right-padded
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+            counted[i, : len(row)] = torch.tensor(mark)
+        ids, mask, counted = ids.to(device), mask.to(device), counted.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+        target, counted = ids[:, 1:], counted[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T-1)
+        total = total + TokenStats(float(nll[counted].sum()), int((logits.argmax(-1) == target)[counted].sum()), int(counted.sum()))
+    return total
+
+
+def answer_token_stats(model, tokenizer, pairs: list[tuple[list[dict], str]], batch_size: int = 32) -> tuple[TokenStats, int]:
+    """(stats over the answer tokens (end-of-turn included), answers cut by the context) for
+    (prompt messages, answer) pairs rendered with the chat template: the SFT stage's held-out loss."""
+    limit = model.config.n_positions
+    sequences, targets, truncated = [], [], 0
+    for prompt, answer in pairs:
+        prompt_ids = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]  # fmt: skip
+        full = tokenizer(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False),
+                         add_special_tokens=False)["input_ids"]  # fmt: skip
+        marks = [i >= len(prompt_ids) for i in range(len(full))]
+        if len(full) > limit:  # keep the end: the answer matters, the prompt's start least
+            truncated += 1
+            full, marks = full[-limit:], marks[-limit:]
+        sequences.append(full)
+        targets.append(marks)
+    return token_stats(model, sequences, targets, tokenizer.pad_token_id, batch_size), truncated
+
+
+def text_token_stats(model, tokenizer, documents: list[str], batch_size: int = 32) -> TokenStats:
+    """Stats over every token of the documents (each followed by EOS), in context-sized windows."""
+    ids: list[int] = []
+    for document in documents:
+        ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    limit = model.config.n_positions
+    windows = [ids[start : start + limit] for start in range(0, len(ids), limit)]
+    windows = [w for w in windows if len(w) > 1]
+    return token_stats(model, windows, [[True] * len(w) for w in windows], tokenizer.pad_token_id, batch_size)
+
+
+def load_policy(path, device: str | None = None):
+    """(causal LM in eval mode, its tokenizer) from a save_pretrained folder of ours."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rlhf.model  # noqa: F401  (registers the Auto classes)
+    from rlhf.artifacts import check_model_dir
+
+    check_model_dir(path, "RlhfForCausalLM", "a policy (the pretrain, sft or ppo stage's output)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def evaluate_model(model_dir, data, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+                   batch_size: int = 32, samples: int = 0) -> dict[str, Any]:  # fmt: skip
+    """`rlhf eval`: perplexity and next-token accuracy on text or reference answers; BLEU of the
+    model's responses (greedy at temperature 0) against the references."""
+    from pathlib import Path
+
+    from rlhf.data import prompts_and_references, read_rows, read_text_documents
+    from rlhf.errors import DataError
+    from rlhf.responses import sample_responses
+    from rlhf.statistics import corpus_bleu
+
+    path = Path(data)
+    rows = None if path.suffix == ".txt" else read_rows(path)
+    is_text = rows is None or ("text" in rows[0] and not {"prompt", "messages"} & set(rows[0]))
+    model, tokenizer = load_policy(model_dir)
+    result: dict[str, Any] = {"model": str(model_dir), "data": str(data)}
+    if is_text:
+        documents = read_text_documents([str(path)])
+        documents = documents[:samples] if samples else documents
+        stats = text_token_stats(model, tokenizer, documents, batch_size)
+        result.update(kind="text", documents=len(documents))
+    else:
+        pairs = prompts_and_references(path, rows)
+        pairs = pairs[:samples] if samples else pairs
+        with_answers = [(p, r) for p, r in pairs if r is not None]
+        if not with_answers:
+            raise DataError(f"{path}: no reference answers (a 'reference' column, completions or messages) to evaluate against")
+        stats, truncated = answer_token_stats(model, tokenizer, with_answers, batch_size)
+        responses = sample_responses(model, tokenizer, [p for p, _ in with_answers], max_new_tokens, temperature, seed, batch_size)
+        result.update(kind="answers", rows=len(with_answers), truncated=truncated,
+                      bleu=corpus_bleu(responses, [r for _, r in with_answers]),
+                      decoding="greedy" if temperature == 0 else f"sampled at temperature {temperature}, seed {seed}",
+                      max_new_tokens=max_new_tokens)  # fmt: skip
+    result.update(tokens=stats.tokens, loss=stats.nll / stats.tokens if stats.tokens else float("nan"),
+                  perplexity=stats.perplexity, accuracy=stats.accuracy)  # fmt: skip
+    return result
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """`rlhf eval`'s table."""
+    what = f"{result['documents']} documents" if result["kind"] == "text" else f"{result['rows']} reference answers"
+    lines = [f"{result['model']} on {result['data']} ({what}, {result['tokens']} predicted tokens)",
+             f"  {'loss (nats/token)':22}{result['loss']:.4f}", f"  {'perplexity':22}{result['perplexity']:.3f}",
+             f"  {'next-token accuracy':22}{result['accuracy']:.4f}"]  # fmt: skip
+    if "bleu" in result:
+        lines.append(f"  {'BLEU (' + result['decoding'].split(' ')[0] + ')':22}{result['bleu']:.2f}")
+    if result.get("truncated"):
+        lines.append(f"  ({result['truncated']} examples longer than the context were cut from the left)")
+    return "\n".join(lines)

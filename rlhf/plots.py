@@ -12,10 +12,17 @@ NOT_CURVES = {"step", "epoch", "time", "episodes", "num_tokens", "total_flos"}
 X_LABELS = {"ppo": "PPO iteration"}
 
 
-def metric_series(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """Numeric metric -> (steps, values), in first-logged order; eval rows and train rows alike."""
+LANGUAGE_MODEL_STAGES = ("pretrain", "sft")
+"""Stages whose eval_loss is a next-token cross-entropy, so exp(eval_loss) is a perplexity."""
+
+
+def metric_series(rows: list[dict], perplexity: bool = False) -> dict[str, tuple[list[float], list[float]]]:
+    """Numeric metric -> (steps, values), in first-logged order; eval rows and train rows alike.
+    With `perplexity`, eval_loss also gives an eval_perplexity curve (its exponential)."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for row in rows:
+        if perplexity and isinstance(row.get("eval_loss"), (int, float)):
+            row = {**row, "eval_perplexity": math.exp(min(row["eval_loss"], 50.0))}
         for key, value in row.items():
             if key in NOT_CURVES or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
@@ -32,7 +39,8 @@ def plot_stage(stage_dir: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {k: v for k, v in metric_series(read_metrics(stage_dir)).items() if len(v[0]) > 1}
+    rows = read_metrics(stage_dir)
+    series = {k: v for k, v in metric_series(rows, stage_dir.name in LANGUAGE_MODEL_STAGES).items() if len(v[0]) > 1}
     if not series:
         return None
     columns = min(4, len(series))

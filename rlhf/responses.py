@@ -10,13 +10,9 @@ from typing import Any, Callable
 
 import torch
 
+from rlhf.data import prompt_messages
 from rlhf.errors import ConfigError
 from rlhf.generation import generate, left_pad
-
-
-def prompt_messages(prompt: Any) -> list[dict]:
-    """A prompt cell as chat messages: a string becomes one user message."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def prompt_text(prompt: Any) -> str:

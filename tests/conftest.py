@@ -53,3 +53,13 @@ def randomize_(model, scale: float = 0.3, seed: int = 0):
         for p in model.parameters():  # tied weights are one parameter, perturbed once
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_rlhf(tmp_path_factory):
+    """One finished tiny pipeline (tokenizer -> pretrain -> sft -> reward -> ppo -> report) for the
+    whole session; tests that change a run work on a copy (`pipeline_helpers.clone`)."""
+    from pipeline_helpers import run_once, write_tiny_rlhf
+
+    folder = tmp_path_factory.mktemp("tiny_rlhf")
+    return run_once(write_tiny_rlhf(folder), folder)

@@ -18,6 +18,8 @@ import yaml
 from rlhf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+PPO_STEPS = 4
+ROLLOUT = 8
 
 
 def run_once(pipeline: Path, folder: Path) -> SimpleNamespace:
@@ -135,3 +137,29 @@ def run_killed(*args, step: int, event: str = "on_step_end", timeout: float = 30
         log.seek(0)
         killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         assert killed, f"not killed at {event} of step {step} (status {status}): {log.read()[-3000:]}"
+
+
+def write_tiny_rlhf(folder: Path, report: bool = True) -> Path:
+    """Tiny versions of the demo's stages (the report too, unless `report` is False) on subsets of
+    data_samples/ written inside `folder`."""
+    write_subsets(folder, {"corpus.txt": 400, "sft.jsonl": 64, "preferences.jsonl": 48, "ppo_prompts.jsonl": 16, "eval.jsonl": 8})
+    common = dict(eval_batch_size=8, lr=1.0e-3, log_every=1, save_every=100)
+    tree = {
+        "run_dir": str(folder / "run"),
+        "seed": 0,
+        "stages": {
+            "tokenizer": {"data": [str(folder / "corpus.txt")], "vocab_size": 300},
+            "pretrain": {"data": [str(folder / "corpus.txt")], "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 96},
+                         "max_steps": 4, "batch_size": 4, **common},
+            "sft": {"data": str(folder / "sft.jsonl"), "max_steps": 3, "batch_size": 4, **common},
+            "reward": {"data": str(folder / "preferences.jsonl"), "max_steps": 3, "batch_size": 4, "eval_rows": 8,
+                       "norm_prompts": 8, "norm_max_new_tokens": 8, **common, "save_every": 1},
+            "ppo": {"prompts": str(folder / "ppo_prompts.jsonl"), "steps": PPO_STEPS, "rollout_batch_size": ROLLOUT,
+                    "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8, "save_every": 2,
+                    "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge"},
+        },
+    }  # fmt: skip
+    if report:
+        tree["stages"]["report"] = {"eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge",
+                                    "max_new_tokens": 8, "batch_size": 4}  # fmt: skip
+    return write_yaml(folder / "tiny_rlhf.yaml", tree)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rlhf.cli import main
 from rlhf.plots import metric_series, plot_run
 
@@ -23,6 +25,12 @@ def test_metric_series_keeps_numeric_finite_values_with_their_steps():
     assert set(series) == {"loss", "kl"}  # strings, booleans and bookkeeping columns are not curves
     assert series["loss"] == ([1, 3], [2.0, 1.0])  # the NaN row is dropped, steps stay aligned
     assert series["kl"] == ([2, 3], [0.5, 0.7])
+
+
+def test_language_model_eval_loss_also_gives_perplexity():
+    rows = [{"step": 10, "eval_loss": 0.0}, {"step": 20, "eval_loss": 1.0}]
+    assert metric_series(rows, perplexity=True)["eval_perplexity"] == ([10, 20], [1.0, pytest.approx(2.718281828)])
+    assert "eval_perplexity" not in metric_series(rows)  # a reward model's eval_loss is no perplexity
 
 
 def test_plot_run_writes_a_png_per_stage_with_curves(tmp_path):

@@ -3,7 +3,8 @@
 columns and saved models, resuming PPO from its checkpoint along the same curve, and the KL
 controller (fixed 0 as in demo_no_kl, adaptive toward a target).
 
-One run is made per module (`base`); tests that change a run work on a copy of its directory.
+One run is shared by the session (`tiny_rlhf` in conftest); tests that change a run work on a copy
+of its directory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
 from rlhf.cli import main
 
-from pipeline_helpers import at_ppo_update, clone, run, run_killed, run_once, write_subsets, write_yaml
+from pipeline_helpers import PPO_STEPS, ROLLOUT, at_ppo_update, clone, run, run_killed
 
 # Tiny policies give noisy k1 estimates; the stage's negative-KL warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
@@ -31,40 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo")
 WEIGHT_ATOL = 1e-5  # a resumed run must reproduce the uninterrupted one's weights to float32 rounding
 METRIC_ATOL = 1e-5
-PPO_STEPS = 4
-ROLLOUT = 8
 PPO_COLUMNS = (
     "step", "score", "rm_score", "kl", "beta", "entropy", "response_length", "stopped", "policy_loss", "value_loss",
     "clipfrac", "value_clipfrac", "approx_kl", "explained_variance", "time_generate", "time_score", "time_update", "judge",
 )  # fmt: skip
 
 
-def write_pipeline(folder: Path) -> Path:
-    """Tiny versions of the demo's five stages on subsets of data_samples/ written inside `folder`."""
-    write_subsets(folder, {"corpus.txt": 400, "sft.jsonl": 64, "preferences.jsonl": 48, "ppo_prompts.jsonl": 16, "eval.jsonl": 8})
-    common = dict(eval_batch_size=8, lr=1.0e-3, log_every=1, save_every=100)
-    tree = {
-        "run_dir": str(folder / "run"),
-        "seed": 0,
-        "stages": {
-            "tokenizer": {"data": [str(folder / "corpus.txt")], "vocab_size": 300},
-            "pretrain": {"data": [str(folder / "corpus.txt")], "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 96},
-                         "max_steps": 4, "batch_size": 4, **common},
-            "sft": {"data": str(folder / "sft.jsonl"), "max_steps": 3, "batch_size": 4, **common},
-            "reward": {"data": str(folder / "preferences.jsonl"), "max_steps": 3, "batch_size": 4, "eval_rows": 8,
-                       "norm_prompts": 8, "norm_max_new_tokens": 8, **common, "save_every": 1},
-            "ppo": {"prompts": str(folder / "ppo_prompts.jsonl"), "steps": PPO_STEPS, "rollout_batch_size": ROLLOUT,
-                    "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8, "save_every": 2,
-                    "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge"},
-        },
-    }  # fmt: skip
-    return write_yaml(folder / "tiny_rlhf.yaml", tree)
-
-
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rlhf")
-    return run_once(write_pipeline(folder), folder)
+def base(tiny_rlhf):
+    """The session's tiny pipeline run (`write_tiny_rlhf`, with the report stage)."""
+    return tiny_rlhf
 
 
 def weights(path: Path) -> dict:
