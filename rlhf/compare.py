@@ -120,7 +120,7 @@ def compare_policies(policies: list[str], settings: CompareSettings, progress: b
         check_model_dir(path, "RlhfForCausalLM", "a policy (pretrain, sft or ppo stage output)")
     check_model_dir(settings.reward, "RlhfForSequenceClassification", "a reward model (the reward stage's output)")
     check_same_tokenizer(policies + [settings.reward] + ([settings.reference] if settings.reference else []))
-    judge = load_function(settings.judge) if settings.judge else None
+    judge = load_function(settings.judge, "--judge") if settings.judge else None
     prompts, references, held_out = load_prompts(settings)
 
     # 2. The frozen models every policy is measured with.

@@ -31,6 +31,18 @@ def inputs(config: ReportConfig) -> list[str]:
     return [config.eval_prompts] + ([config.eval_data] if config.eval_data else [])
 
 
+def read_inputs(config: ReportConfig) -> None:
+    """Check the prompt and perplexity files and the judge before any stage runs."""
+    from rlhf.data import prompts_and_references, read_rows
+    from rlhf.responses import load_function
+
+    for name in (config.eval_prompts, config.eval_data):
+        if name:
+            prompts_and_references(name, read_rows(name))
+    if config.judge:
+        load_function(config.judge, "judge")
+
+
 def settings_for(config: ReportConfig, run_dir: Path, seed: int):
     """The `rlhf compare` settings this report uses (so the same command reproduces it)."""
     from rlhf.compare import CompareSettings
