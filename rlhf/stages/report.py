@@ -74,16 +74,17 @@ def stage_lines(run_dir: Path) -> list[str]:
 
 
 def headline(result: dict) -> str:
-    """One sentence per policy against the baseline: win rate, its p-value, and the judge if any."""
-    sentences = []
+    """One line per policy against the baseline: win rate, wins/losses/ties, sign test, and the judge if any."""
+    lines = []
     for row in result["policies"][1:]:
         verdict = "significant at 0.05" if row["sign_test_p"] < 0.05 else "not significant at 0.05"
-        judge = f"; gold judge {row['judge']:.3f} vs {result['policies'][0]['judge']:.3f}" if "judge" in row else ""
-        sentences.append(
-            f"- **{row['policy']}** beats **{result['baseline']}** on {row['win_rate']:.1%} of the prompts by the reward "
-            f"model (sign test p = {row['sign_test_p']:.2g}, {verdict}){judge}."
+        judge = f"; gold judge {row['judge']:.3f} against {result['policies'][0]['judge']:.3f}" if "judge" in row else ""
+        lines.append(
+            f"- **{row['policy']}** against **{result['baseline']}**: win rate {row['win_rate']:.3f} by the reward model "
+            f"({row['wins']} wins, {row['losses']} losses, {row['ties']} ties; sign test p = {row['sign_test_p']:.2g}, "
+            f"{verdict}){judge}."
         )
-    return "\n".join(sentences)
+    return "\n".join(lines)
 
 
 def run(ctx: StageContext) -> dict:
