@@ -96,14 +96,17 @@ class TokenStats:
 
 
 @torch.no_grad()
-def token_stats(model, sequences: list[list[int]], targets: list[list[bool]], pad_token_id: int, batch_size: int = 32) -> TokenStats:
+def token_stats(model, sequences: list[list[int]], targets: list[list[bool]], pad_token_id: int, batch_size: int = 32,
+                progress: bool = False) -> TokenStats:  # fmt: skip
     """NLL and accuracy of predicting each token marked in `targets` from the tokens before it.
 
     sequences: token id lists (each at most the model's context); targets: per token, whether it counts.
     """
     device = next(model.parameters()).device
     total = TokenStats(0.0, 0, 0)
-    for start in range(0, len(sequences), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(sequences), batch_size), desc="evaluating", unit="batch", disable=not progress):
         rows, marks = sequences[start : start + batch_size], targets[start : start + batch_size]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -121,7 +124,8 @@ def token_stats(model, sequences: list[list[int]], targets: list[list[bool]], pa
     return total
 
 
-def answer_token_stats(model, tokenizer, pairs: list[tuple[list[dict], str]], batch_size: int = 32) -> tuple[TokenStats, int]:
+def answer_token_stats(model, tokenizer, pairs: list[tuple[list[dict], str]], batch_size: int = 32,
+                       progress: bool = False) -> tuple[TokenStats, int]:  # fmt: skip
     """(stats over the answer tokens (end-of-turn included), answers cut by the context) for
     (prompt messages, answer) pairs rendered with the chat template: the SFT stage's held-out loss."""
     limit = model.config.n_positions
@@ -137,10 +141,10 @@ def answer_token_stats(model, tokenizer, pairs: list[tuple[list[dict], str]], ba
             full, marks = full[-limit:], marks[-limit:]
         sequences.append(full)
         targets.append(marks)
-    return token_stats(model, sequences, targets, tokenizer.pad_token_id, batch_size), truncated
+    return token_stats(model, sequences, targets, tokenizer.pad_token_id, batch_size, progress), truncated
 
 
-def text_token_stats(model, tokenizer, documents: list[str], batch_size: int = 32) -> TokenStats:
+def text_token_stats(model, tokenizer, documents: list[str], batch_size: int = 32, progress: bool = False) -> TokenStats:
     """Stats over every token of the documents (each followed by EOS), in context-sized windows."""
     ids: list[int] = []
     for document in documents:
@@ -148,7 +152,7 @@ def text_token_stats(model, tokenizer, documents: list[str], batch_size: int = 3
     limit = model.config.n_positions
     windows = [ids[start : start + limit] for start in range(0, len(ids), limit)]
     windows = [w for w in windows if len(w) > 1]
-    return token_stats(model, windows, [[True] * len(w) for w in windows], tokenizer.pad_token_id, batch_size)
+    return token_stats(model, windows, [[True] * len(w) for w in windows], tokenizer.pad_token_id, batch_size, progress)
 
 
 def load_policy(path, device: str | None = None):
@@ -182,7 +186,7 @@ def evaluate_model(model_dir, data, max_new_tokens: int = 64, temperature: float
     if is_text:
         documents = read_text_documents([str(path)])
         documents = documents[:samples] if samples else documents
-        stats = text_token_stats(model, tokenizer, documents, batch_size)
+        stats = text_token_stats(model, tokenizer, documents, batch_size, progress=True)
         result.update(kind="text", documents=len(documents))
     else:
         pairs = prompts_and_references(path, rows)
@@ -190,7 +194,7 @@ def evaluate_model(model_dir, data, max_new_tokens: int = 64, temperature: float
         with_answers = [(p, r) for p, r in pairs if r is not None]
         if not with_answers:
             raise DataError(f"{path}: no reference answers (a 'reference' column, completions or messages) to evaluate against")
-        stats, truncated = answer_token_stats(model, tokenizer, with_answers, batch_size)
+        stats, truncated = answer_token_stats(model, tokenizer, with_answers, batch_size, progress=True)
         responses = sample_responses(model, tokenizer, [p for p, _ in with_answers], max_new_tokens, temperature, seed, batch_size)
         result.update(kind="answers", rows=len(with_answers), truncated=truncated,
                       bleu=corpus_bleu(responses, [r for _, r in with_answers]),
