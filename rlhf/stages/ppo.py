@@ -142,6 +142,7 @@ def latest_checkpoint(root: Path, fingerprint: str, fresh: bool = False) -> Path
 def run(ctx: StageContext) -> dict:
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -175,6 +176,7 @@ def run(ctx: StageContext) -> dict:
 
     flags = precision_flags(config.amp)
     cuda = torch.cuda.is_available()
+    AcceleratorState._reset_state()  # an earlier stage's Trainer fixed its own precision (as TrainingArguments resets it)
     accelerator = Accelerator(mixed_precision="bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no", cpu=not cuda)
     if tf32_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matrix products autocast leaves
