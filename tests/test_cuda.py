@@ -1,6 +1,6 @@
-"""The CUDA path (run where a GPU is present; skipped elsewhere): bf16 and fp16 training steps of a
-Trainer stage, torch.compile, PPO with AMP, greedy generation on the GPU equal to the CPU's, and the
-MFU benchmark end to end on a small batch.
+"""The CUDA path, in tests marked `gpu` (skipped where there is no GPU): bf16 and fp16 training steps
+of a Trainer stage, torch.compile, PPO with AMP, greedy generation on the GPU equal to the CPU's, and
+the MFU benchmark end to end on a small batch; without a GPU, the benchmark's refusal.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 from conftest import make_config, randomize_
 from pipeline_helpers import PPO_STEPS, write_tiny_rlhf
 
-pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
+gpu = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +49,7 @@ def training_losses(stage_dir: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(stage_dir) if "loss" in row]
 
 
+@gpu
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_training_steps_of_a_trainer_stage(tiny, amp, tmp_path) -> None:
     """Pretraining in bf16 or fp16 (with its gradient scaler) on CUDA: finite losses, fp32 weights saved,
@@ -72,6 +75,7 @@ def test_amp_training_steps_of_a_trainer_stage(tiny, amp, tmp_path) -> None:
     assert abs(ours - default) < 0.05 * default, (ours, default)
 
 
+@gpu
 def test_compile_trains_like_eager(tiny, tmp_path) -> None:
     """`compile: true` (torch.compile through the Trainer) gives the eager run's losses, to AMP's precision."""
     import shutil
@@ -85,6 +89,7 @@ def test_compile_trains_like_eager(tiny, tmp_path) -> None:
     assert all(abs(a - b) < 0.02 * abs(b) for a, b in zip(compiled, eager)), (compiled, eager)
 
 
+@gpu
 def test_ppo_on_cuda_with_amp(tiny) -> None:
     """Every stage on the GPU; PPO's rollouts and updates under autocast: finite, sane metrics, and the
     first update's importance ratios near 1 (sampling and training log-probs agree)."""
@@ -101,6 +106,7 @@ def test_ppo_on_cuda_with_amp(tiny) -> None:
     assert math.isfinite(read_manifest(run_dir / "ppo")["metrics"]["eval_rm_score"])
 
 
+@gpu
 def test_ppo_fp16_scaler_trains(tiny, tmp_path) -> None:
     """fp16 PPO: the gradient scaler unscales once before clipping; a scaler-skipped step is counted, not fatal."""
     import shutil
@@ -116,6 +122,7 @@ def test_ppo_fp16_scaler_trains(tiny, tmp_path) -> None:
     assert sum(row["nonfinite_steps"] for row in rows) <= 2, "the scaler skips at most its first overflowing steps"
 
 
+@gpu
 def test_greedy_generation_on_cuda_equals_cpu() -> None:
     import torch
 
@@ -136,10 +143,21 @@ def test_greedy_generation_on_cuda_equals_cpu() -> None:
     torch.testing.assert_close(cuda.logprobs.cpu(), cpu.logprobs, rtol=0, atol=1e-4)
 
 
+@gpu
 @pytest.mark.slow
 def test_mfu_benchmark_runs() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     result = subprocess.run([sys.executable, "benchmarks/bench_mfu.py", "--batch-size", "2", "--steps", "3", "--warmup", "2"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     fields = dict(item.split("=", 1) for item in result.stdout.strip().splitlines()[-1].split()[1:])
     assert 0 < float(fields["mfu"]) < 1 and float(fields["bf16_tflops"]) > 0, fields
+
+
+def test_mfu_benchmark_refuses_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU here")
+    result = subprocess.run([sys.executable, "benchmarks/bench_mfu.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "CUDA" in result.stderr, result.stderr
