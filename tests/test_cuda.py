@@ -12,11 +12,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import make_config, randomize_
-from pipeline_helpers import PPO_STEPS, write_tiny_rlhf
+from pipeline_helpers import PPO_STEPS, clone, write_tiny_rlhf
 
 pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
 gpu = pytest.mark.gpu
@@ -40,7 +41,14 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cuda")
     pipeline = write_tiny_rlhf(folder, report=False)
     rlhf_run(pipeline)
-    return pipeline, folder / "run"
+    return SimpleNamespace(pipeline=pipeline, run_dir=folder / "run")
+
+
+def rerun(tiny, tmp_path: Path, *args) -> Path:
+    """`rlhf run` with ARGS on a copy of the GPU run; returns the copy."""
+    run_dir = clone(tiny, tmp_path)
+    rlhf_run(tiny.pipeline, "--run-dir", run_dir, *args)
+    return run_dir
 
 
 def training_losses(stage_dir: Path) -> list[float]:
@@ -54,8 +62,6 @@ def training_losses(stage_dir: Path) -> list[float]:
 def test_amp_training_steps_of_a_trainer_stage(tiny, amp, tmp_path) -> None:
     """Pretraining in bf16 or fp16 (with its gradient scaler) on CUDA: finite losses, fp32 weights saved,
     held-out loss close to the default run's."""
-    import shutil
-
     import torch
     from safetensors.torch import load_file
 
@@ -63,28 +69,20 @@ def test_amp_training_steps_of_a_trainer_stage(tiny, amp, tmp_path) -> None:
 
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this card has no bf16")
-    pipeline, base = tiny
-    run_dir = tmp_path / "run"
-    shutil.copytree(base, run_dir)
-    rlhf_run(pipeline, "--run-dir", run_dir, "--only", "pretrain", "--force", f"stages.pretrain.amp={amp}")
+    run_dir = rerun(tiny, tmp_path, "--only", "pretrain", "--force", f"stages.pretrain.amp={amp}")
     losses = training_losses(run_dir / "pretrain")
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
     weights = load_file(str(run_dir / "pretrain" / "model.safetensors"))
     assert all(w.dtype == torch.float32 for w in weights.values()), "the weights stay fp32 under AMP"
-    ours, default = (read_manifest(d / "pretrain")["metrics"]["eval_loss"] for d in (run_dir, base))
+    ours, default = (read_manifest(d / "pretrain")["metrics"]["eval_loss"] for d in (run_dir, tiny.run_dir))
     assert abs(ours - default) < 0.05 * default, (ours, default)
 
 
 @gpu
 def test_compile_trains_like_eager(tiny, tmp_path) -> None:
     """`compile: true` (torch.compile through the Trainer) gives the eager run's losses, to AMP's precision."""
-    import shutil
-
-    pipeline, base = tiny
-    run_dir = tmp_path / "run"
-    shutil.copytree(base, run_dir)
-    rlhf_run(pipeline, "--run-dir", run_dir, "--only", "pretrain", "--force", "stages.pretrain.compile=true")
-    compiled, eager = training_losses(run_dir / "pretrain"), training_losses(base / "pretrain")
+    run_dir = rerun(tiny, tmp_path, "--only", "pretrain", "--force", "stages.pretrain.compile=true")
+    compiled, eager = training_losses(run_dir / "pretrain"), training_losses(tiny.run_dir / "pretrain")
     assert len(compiled) == len(eager)
     assert all(abs(a - b) < 0.02 * abs(b) for a, b in zip(compiled, eager)), (compiled, eager)
 
@@ -95,7 +93,7 @@ def test_ppo_on_cuda_with_amp(tiny) -> None:
     first update's importance ratios near 1 (sampling and training log-probs agree)."""
     from rlhf.artifacts import read_manifest, read_metrics
 
-    _, run_dir = tiny
+    run_dir = tiny.run_dir
     rows = read_metrics(run_dir / "ppo")
     assert len(rows) == PPO_STEPS
     for row in rows:
@@ -109,15 +107,9 @@ def test_ppo_on_cuda_with_amp(tiny) -> None:
 @gpu
 def test_ppo_fp16_scaler_trains(tiny, tmp_path) -> None:
     """fp16 PPO: the gradient scaler unscales once before clipping; a scaler-skipped step is counted, not fatal."""
-    import shutil
-
     from rlhf.artifacts import read_metrics
 
-    pipeline, base = tiny
-    run_dir = tmp_path / "run"
-    shutil.copytree(base, run_dir)
-    rlhf_run(pipeline, "--run-dir", run_dir, "--only", "ppo", "--force", "stages.ppo.amp=fp16")
-    rows = read_metrics(run_dir / "ppo")
+    rows = read_metrics(rerun(tiny, tmp_path, "--only", "ppo", "--force", "stages.ppo.amp=fp16") / "ppo")
     assert len(rows) == PPO_STEPS and all(math.isfinite(row["policy_loss"]) for row in rows)
     assert sum(row["nonfinite_steps"] for row in rows) <= 2, "the scaler skips at most its first overflowing steps"
 

@@ -192,7 +192,7 @@ def _fsdp_step(rank: int, config_file: Path, pipeline_file: Path) -> None:
     from rlhf.config import load_pipeline
     from rlhf.model import RlhfConfig, RlhfForCausalLM
 
-    plugin, variables = fsdp_plugin_from(config_file)
+    plugin, _ = fsdp_plugin_from(config_file)
     torch.manual_seed(0)
     reference = RlhfForCausalLM(make_config(n_layer=2))
     sharded = copy.deepcopy(reference)
@@ -257,7 +257,7 @@ def test_every_stage_completes_once_on_two_processes(two_process_run) -> None:
     from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
     from rlhf.config import STAGE_ORDER
 
-    pipeline, run_dir, result = two_process_run
+    _, run_dir, result = two_process_run
     for stage in STAGE_ORDER:
         manifest = read_manifest(run_dir / stage)
         assert manifest["status"] == "complete" and verify_outputs(run_dir / stage, manifest) is None, stage
