@@ -164,20 +164,18 @@ class GracefulStop(TrainerCallback):
     """While entered, SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop after its current step.
 
     The loop then saves a checkpoint and calls `exit`, which raises KeyboardInterrupt (the CLI
-    exits 130 saying the same command resumes). A second signal raises at once, unless it repeats
-    the first within `REPEAT_SECONDS`: torchrun forwards to its workers the Ctrl-C that the terminal
-    has already sent them. As a Trainer callback it asks the Trainer to save and stop at the end of
-    the step; PPO's loop asks `requested()` itself. Outside the main thread, where Python cannot
-    handle signals, it does nothing.
+    exits 130 saying the same command resumes). A second signal raises at once. As a Trainer
+    callback it asks the Trainer to save and stop at the end of the step; PPO's loop asks
+    `requested()` itself. Outside the main thread, where Python cannot handle signals, it does
+    nothing. (Under torchrun the workers run in sessions of their own: torchrun passes them the
+    signal it gets, once.)
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    REPEAT_SECONDS = 2.0
 
     def __init__(self, stage: str):
         self.stage = stage
         self.received: str | None = None  # the signal's name, once one arrives
-        self.received_at = 0.0
         self.previous: dict = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -191,12 +189,9 @@ class GracefulStop(TrainerCallback):
         self.previous = {}
 
     def handle(self, number, frame) -> None:
-        name = signal.Signals(number).name
-        if self.received == name and time.monotonic() - self.received_at < self.REPEAT_SECONDS:
-            return  # the launcher's copy of the signal this process already got
         if self.received:
             raise KeyboardInterrupt
-        self.received, self.received_at = name, time.monotonic()
+        self.received = signal.Signals(number).name
         print(f"\n{self.stage}: {self.received} received; saving a checkpoint after this step "
               "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
 

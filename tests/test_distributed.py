@@ -40,8 +40,8 @@ def spawn(worker, *args, timeout: float = 300) -> None:
     a worker's exception fails the test, and so does a hang."""
     import torch.multiprocessing as mp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    context = mp.start_processes(_joined, args=(worker, args), nprocs=WORLD, join=False, start_method="spawn")
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    context = mp.start_processes(_joined, args=(worker, args, rendezvous), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -50,8 +50,8 @@ def spawn(worker, *args, timeout: float = 300) -> None:
             pytest.fail(f"{worker.__name__}: the {WORLD} processes did not finish within {timeout} s")
 
 
-def _joined(rank: int, worker, args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+def _joined(rank: int, worker, args, rendezvous: dict) -> None:
+    os.environ.update(rendezvous, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     from rlhf.distributed import init
 
     init()
@@ -149,8 +149,8 @@ def fsdp_plugin_from(config_file: Path):
         os.environ.update(saved)
 
 
-def shard(model, plugin) -> None:
-    """Apply FSDP2 as accelerate does: every module the plugin's auto-wrap policy picks, then the root."""
+def shard(model, plugin) -> list:
+    """Apply FSDP2 as accelerate does: every module the plugin's auto-wrap policy picks (returned), then the root."""
     from torch.distributed.fsdp import fully_shard
 
     plugin.set_auto_wrap_policy(model)
@@ -232,15 +232,24 @@ def test_fsdp_by_the_shipped_config_trains_like_one_process_on_cpu() -> None:
 
 
 def torchrun(*args, timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 -m rlhf.cli ARGS` on this checkout; its output is shown on failure."""
+    """`torchrun --standalone --nproc_per_node 2 -m rlhf.cli ARGS` on this checkout. Past `timeout` it is
+    sent SIGTERM (torchrun then ends its workers, which run in sessions of their own) and the test fails
+    with the end of its output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
                "-m", "rlhf.cli", *map(str, args)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as expired:
-        output = (expired.stdout or b"").decode(errors="replace")[-3000:] + (expired.stderr or b"").decode(errors="replace")[-3000:]
-        pytest.fail(f"torchrun did not finish within {timeout} s:\n{output}")
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
