@@ -53,8 +53,8 @@ def main() -> None:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    optimizers = [torch.optim.AdamW(policy.parameters(), lr=ppo.lr), torch.optim.AdamW(value.parameters(), lr=ppo.lr)]
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for o in optimizers]
+    optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value.parameters()}], lr=ppo.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     prompts = [torch.randint(5, args.vocab, (args.prompt_len,)).tolist() for _ in range(ppo.rollout_batch_size)]
     texts = [""] * len(prompts)
     kl = FixedKLController(ppo.kl_coef)
@@ -62,7 +62,7 @@ def main() -> None:
     splits = {"time_generate": [], "time_score": [], "time_update": []}
     for iteration in range(args.iterations + 1):  # the first is warm-up
         rollout, stats = make_rollout(models, prompts, texts, ppo, kl.value, torch.Generator().manual_seed(iteration))
-        stats.update(ppo_update(models, rollout, ppo, accelerator, optimizers, schedulers, torch.Generator().manual_seed(0)))
+        stats.update(ppo_update(models, rollout, ppo, accelerator, optimizer, schedule, torch.Generator().manual_seed(0)))
         if iteration:
             for key in splits:
                 splits[key].append(stats[key])

@@ -21,9 +21,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise ConfigError(f"{pipeline}: not found; run from the repository root or name a pipeline YAML")
     config = load_pipeline(pipeline, args.overrides, run_dir=args.run_dir)
 
+    from rlhf.distributed import quiet_unless_main
     from rlhf.pipeline import run_pipeline  # torch and transformers load only if a stage runs
 
-    run_pipeline(config, only=args.only, start=args.start, force=args.force)
+    with quiet_unless_main():  # under torchrun, rank 0 alone prints
+        run_pipeline(config, only=args.only, start=args.start, force=args.force)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -308,22 +310,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Loading a local checkpoint needs no "Loading weights" bar; our own bars show the long work.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from rlhf.distributed import is_main_process
     from rlhf.errors import TrainingDiverged, UserError
 
     def terminated(signum, frame):  # SIGTERM ends a run like Ctrl-C: lock released, checkpoints kept
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)
+
+    def report(error: Exception) -> None:  # once: not again by the processes the main one told
+        if not getattr(error, "reported_by_main", False):
+            print(f"error: {error}", file=sys.stderr)
+
     try:
         args.handler(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(error)
         return 2
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(error)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is kept and the same command resumes from it", file=sys.stderr)
+        if is_main_process():
+            print("interrupted; the last checkpoint is kept and the same command resumes from it", file=sys.stderr)
         return 130
     return 0
 

@@ -106,7 +106,7 @@ class TrainingConfig(OptimizationConfig):
     epochs: float = 1.0
     """Passes over the training data when max_steps is -1."""
     batch_size: int = 16
-    """Sequences per device per micro-batch."""
+    """Sequences per process (device) per micro-batch: an optimizer step sees processes x batch_size x grad_accum."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     min_lr: float = 0.0
@@ -129,6 +129,8 @@ class TrainingConfig(OptimizationConfig):
     """Write a resumable checkpoint every this many steps."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile the model (worth it on CUDA for long runs; the first steps are slow while it compiles)."""
     max_nonfinite_steps: int = 10
     """Stop after this many optimizer steps in a row with a NaN or inf loss or gradient (each one is skipped)."""
 
@@ -236,9 +238,9 @@ class PPOConfig(OptimizationConfig):
     steps: int = 100
     """Rollout-and-update iterations."""
     rollout_batch_size: int = 64
-    """Prompts answered per iteration (per process)."""
+    """Prompts answered per iteration by each process: an iteration samples processes x rollout_batch_size episodes."""
     minibatch_size: int = 16
-    """Rollouts per optimizer step (per process), before gradient accumulation."""
+    """Rollouts per micro-batch on each process; an optimizer step sees processes x minibatch_size x grad_accum."""
     grad_accum: int = 1
     """Minibatches accumulated per optimizer step."""
     ppo_epochs: int = 4

@@ -4,15 +4,20 @@ A stage's fingerprint hashes its resolved config, the sha256 of its input files,
 upstream stages' output hashes. A stage whose complete manifest records the same fingerprint,
 and whose outputs still match their hashes, is skipped; when an upstream stage's outputs change,
 every stage downstream of it runs again.
+
+Under torchrun or `accelerate launch` every process runs the pipeline; the main process alone
+writes to the run directory (see `run_pipeline`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 from rlhf.artifacts import RunLock, now, read_manifest, sha256_file, sha256_json, verify_outputs, write_manifest
 from rlhf.config import STAGE_ORDER, PipelineConfig, stage_config_dict
+from rlhf.distributed import is_main_process, on_main
 from rlhf.errors import ArtifactError, ConfigError, DataError
 from rlhf.stages import StageContext, stage_module
 
@@ -93,32 +98,58 @@ def check_artifacts(run_dir: Path, stages: list[str], forced: set[str]) -> None:
             raise ArtifactError(f"stage '{name}': {problem}; re-run it with: rlhf run ... --from {name}")
 
 
+def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str]) -> tuple[str, dict, bool] | None:
+    """(fingerprint, the facts it hashes, whether the stage had completed) if stage `name` must run;
+    None, saying so, if it is up to date."""
+    stage_fingerprint, facts = fingerprint(config, name, run_dir)
+    manifest = read_manifest(run_dir / name)
+    if name not in forced and manifest and manifest.get("status") == "complete" and manifest.get("fingerprint") == stage_fingerprint:
+        print(f"[{name}] up to date, skipped (finished {manifest.get('finished')})")
+        return None
+    missing = [parent for parent, outputs in facts["upstream"].items() if outputs is None]
+    if missing:
+        raise missing_upstream(run_dir, missing[0])
+    return stage_fingerprint, facts, bool(manifest and manifest.get("status") == "complete")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """The run directory's lock, taken by the main process for all of them."""
+    lock = RunLock(run_dir)
+    on_main(lock.acquire)
+    try:
+        yield
+    finally:
+        if is_main_process():
+            lock.release()
+
+
 def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | None = None, force: bool = False) -> None:
+    """Run the planned stages in order. Under torchrun or `accelerate launch` every process calls this:
+    the main one checks the inputs, takes the lock, decides what runs and writes every manifest (its
+    decisions and errors reach the others through `on_main`); data-parallel stages (`DATA_PARALLEL =
+    True` in their module) run on every process, the others on the main one while the rest wait."""
     run_dir = Path(config.run_dir)
     stages = plan(config, only, start)
     forced = set(stages) if force else ({*stages} if start else set())
-    check_inputs(config, stages, run_dir)
-    with RunLock(run_dir):
-        check_artifacts(run_dir, stages, forced)
+    on_main(lambda: check_inputs(config, stages, run_dir))
+    with run_lock(run_dir):
+        on_main(lambda: check_artifacts(run_dir, stages, forced))
         for name in stages:
-            stage_fingerprint, facts = fingerprint(config, name, run_dir)
-            manifest = read_manifest(run_dir / name)
-            if name not in forced and manifest and manifest.get("status") == "complete" and manifest.get("fingerprint") == stage_fingerprint:
-                print(f"[{name}] up to date, skipped (finished {manifest.get('finished')})")
+            decision = on_main(lambda: next_run(config, name, run_dir, forced))
+            if decision is None:
                 continue
-            missing = [parent for parent, outputs in facts["upstream"].items() if outputs is None]
-            if missing:
-                raise missing_upstream(run_dir, missing[0])
+            stage_fingerprint, facts, completed_before = decision
             print(f"[{name}] running")
             started, clock = now(), time.perf_counter()
-            completed_before = bool(manifest and manifest.get("status") == "complete")
             context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint,
                                    fresh=completed_before, source=config.source)  # fmt: skip
-            metrics = stage_module(name).run(context)
+            module = stage_module(name)
+            metrics = module.run(context) if getattr(module, "DATA_PARALLEL", False) else on_main(lambda: module.run(context))
             seconds = time.perf_counter() - clock
-            write_manifest(
+            on_main(lambda: write_manifest(
                 run_dir / name,
                 {"stage": name, "fingerprint": stage_fingerprint, **facts, "started": started,
                  "seconds": round(seconds, 1), "metrics": metrics, "pipeline": config.source},
-            )  # fmt: skip
+            ))  # fmt: skip
             print(f"[{name}] done in {seconds:.1f} s")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from rlhf.distributed import all_sum, every_process
 from rlhf.generation import generate, left_pad
 from rlhf.ppo_math import (
     KL_ESTIMATORS,
@@ -29,9 +30,10 @@ from rlhf.ppo_math import (
     kl_penalised_rewards,
     logprobs_from_logits,
     masked_mean,
-    masked_whiten,
+    masked_sum,
     policy_loss_clipped,
     value_loss_clipped,
+    whiten,
 )
 from rlhf.training import gradients_finite
 
@@ -49,11 +51,16 @@ class PPOModels:
     tokenizer: Any
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (itself when not wrapped)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def reference_context(models: PPOModels):
     """The reference policy: the frozen copy, or the LoRA policy with its adapters disabled."""
     if models.reference is not None:
         return contextlib.nullcontext(models.reference)
-    policy = models.policy.module if hasattr(models.policy, "module") else models.policy
+    policy = unwrapped(models.policy)
 
     @contextlib.contextmanager
     def disabled():
@@ -83,6 +90,16 @@ def normalised_scores(reward_model, sequences, attention_mask) -> torch.Tensor:
 
 
 @torch.no_grad()
+def whiten_across_processes(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """`masked_whiten` with the mean and (population) variance over the masked entries of every
+    process's batch. values, mask: (B, T) -> (B, T). With one process it equals `masked_whiten`."""
+    count = all_sum(masked_sum(torch.ones_like(values), mask)).clamp_min(1)
+    mean = all_sum(masked_sum(values, mask)) / count
+    var = all_sum(masked_sum((values - mean).square(), mask)) / count
+    return whiten(values, mask, mean, var, shift_mean)
+
+
+@torch.no_grad()
 def make_rollout(
     models: PPOModels,
     prompt_tokens: list[list[int]],
@@ -101,7 +118,7 @@ def make_rollout(
     from rlhf.responses import decode_responses
 
     tokenizer, device = models.tokenizer, next(models.policy.parameters()).device
-    policy = models.policy.module if hasattr(models.policy, "module") else models.policy
+    policy = unwrapped(models.policy)  # generation steps differ between processes: no DDP collectives here
     clock = time.perf_counter()
 
     # 1. Sample responses; the engine returns the sampling log-probabilities.
@@ -125,16 +142,16 @@ def make_rollout(
     # 3. Reference log-probabilities and values.
     with reference_context(models) as reference:
         ref_logprobs, _ = response_logprobs(reference, sequences, attention, P, config.temperature)
-    values = response_values(models.value, sequences, attention, P)
+    values = response_values(unwrapped(models.value), sequences, attention, P)
     scoring_seconds = time.perf_counter() - clock
 
-    # 4. Per-token KL penalty, the score at the last token, then whitened GAE advantages.
+    # 4. Per-token KL penalty, the score at the last token, then GAE advantages whitened over every process's batch.
     kl = KL_ESTIMATORS[config.kl_estimator](sample.logprobs, ref_logprobs)
     rewards, non_score = kl_penalised_rewards(scores, kl, response_mask, beta)
     if config.whiten_rewards:
-        rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+        rewards = whiten_across_processes(rewards, response_mask, shift_mean=False)
     advantages, returns = gae_advantages(rewards, values, response_mask, config.gamma, config.lam)
-    advantages = masked_whiten(advantages, response_mask)
+    advantages = whiten_across_processes(advantages, response_mask)
 
     rollout = Rollout(
         query_responses=sequences, attention_mask=attention, response_mask=response_mask,
@@ -158,11 +175,13 @@ def make_rollout(
     return rollout, stats
 
 
-def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimizers, schedulers, generator) -> dict[str, float]:
+def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimizer, scheduler, generator) -> dict[str, float]:
     """`ppo_epochs` passes of clipped policy and value updates over reshuffled minibatches.
 
-    An optimizer step whose loss or gradients are NaN or inf is skipped (gradients dropped) and
-    counted in `nonfinite_steps`.
+    `optimizer` holds both models' parameters (a group each). Under DDP the gradients are averaged
+    over the processes on the last micro-batch of each optimizer step only. A step whose loss or
+    gradients are NaN or inf on any process is skipped by all (see `optimizer_step`) and counted in
+    `nonfinite_steps`.
     """
     clock = time.perf_counter()
     totals: dict[str, list[float]] = {}
@@ -175,40 +194,64 @@ def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimiz
             for micro in range(config.grad_accum):
                 index = order[start + micro * config.minibatch_size : start + (micro + 1) * config.minibatch_size]
                 batch = rollout.select(index.to(rollout.scores.device))
-                with accelerator.autocast():
-                    logprobs, entropy = response_logprobs(
-                        models.policy, batch.query_responses, batch.attention_mask, batch.prompt_length, config.temperature
+                with gradient_sync(accelerator, models, micro == config.grad_accum - 1):
+                    with accelerator.autocast():
+                        logprobs, entropy = response_logprobs(
+                            models.policy, batch.query_responses, batch.attention_mask, batch.prompt_length, config.temperature
+                        )
+                        values = response_values(models.value, batch.query_responses, batch.attention_mask, batch.prompt_length)
+                    policy_loss, policy_stats = policy_loss_clipped(
+                        logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range
                     )
-                    values = response_values(models.value, batch.query_responses, batch.attention_mask, batch.prompt_length)
-                policy_loss, policy_stats = policy_loss_clipped(
-                    logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range
-                )
-                value_loss, value_stats = value_loss_clipped(
-                    values, batch.values, batch.returns, batch.response_mask, config.clip_range_value
-                )
-                loss = (policy_loss + config.vf_coef * value_loss) / config.grad_accum
+                    value_loss, value_stats = value_loss_clipped(
+                        values, batch.values, batch.returns, batch.response_mask, config.clip_range_value
+                    )
+                    loss = (policy_loss + config.vf_coef * value_loss) / config.grad_accum
+                    accelerator.backward(loss)  # even a NaN one: every DDP process must take part in each reduction
                 if not torch.isfinite(loss):
                     finite = False
-                    break
-                accelerator.backward(loss)
+                    continue
                 stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                          "entropy": masked_mean(entropy, batch.response_mask).item(), **policy_stats, **value_stats}  # fmt: skip
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(float(value))
-            finite = finite and all_gradients_finite(models)
-            for model, optimizer, scheduler in zip((models.policy, models.value), optimizers, schedulers):
-                if finite:
-                    if config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                scheduler.step()  # the schedule follows optimizer steps taken or skipped alike
-                optimizer.zero_grad(set_to_none=True)
-            skipped += not finite
+            skipped += not optimizer_step(models, accelerator, optimizer, scheduler, config.max_grad_norm, finite)
     result = {key: sum(values) / len(values) for key, values in totals.items()}
     result["ratio_max"] = max(totals.get("ratio_max", []), default=float("nan"))
     result["nonfinite_steps"] = skipped
     result["time_update"] = time.perf_counter() - clock
     return result
+
+
+def gradient_sync(accelerator, models: PPOModels, sync: bool) -> contextlib.ExitStack:
+    """A context in which backward all-reduces the gradients across processes only if `sync`
+    (DDP's `no_sync` otherwise: micro-batches before the last of an optimizer step accumulate locally)."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for model in (models.policy, models.value):
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
+
+
+def optimizer_step(models: PPOModels, accelerator, optimizer, scheduler, max_grad_norm: float, loss_finite: bool) -> bool:
+    """Clip each model's gradients and apply them, then advance the schedule; returns whether the
+    step was taken.
+
+    A step with a NaN/inf loss or gradient on any process is dropped by every process (gradients
+    cleared; AdamW leaves weights and moments as they were). Under fp16 the gradient scaler unscales
+    once, before clipping, and drops such a step itself, lowering its scale.
+    """
+    finite = every_process(loss_finite and all_gradients_finite(models))
+    if finite or accelerator.scaler is not None:
+        accelerator.unscale_gradients()
+        if max_grad_norm > 0:
+            for model in (models.policy, models.value):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        finite = not accelerator.optimizer_step_was_skipped
+    scheduler.step()  # the schedule follows optimizer steps taken or skipped alike
+    optimizer.zero_grad(set_to_none=True)
+    return finite
 
 
 def all_gradients_finite(models: PPOModels) -> bool:

@@ -66,6 +66,19 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
+def whiten(values: Tensor, mask: Tensor, mean: Tensor, var: Tensor, shift_mean: bool = True,
+           eps: float = 1e-8) -> Tensor:
+    """``(values - mean) / sqrt(var + eps)`` on masked entries, 0 elsewhere. values, mask: (B, T);
+    mean, var: scalars (from this batch, or from the batches of every process) -> (B, T).
+
+    ``shift_mean=False`` adds the mean back (only the scale changes).
+    """
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _where(whitened, mask)
+
+
 def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, unbiased: bool = False,
                   eps: float = 1e-8) -> Tensor:
     """Normalise to mean 0, std 1 over masked entries. values, mask: (B, T) -> (B, T).
@@ -75,10 +88,7 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, unbiase
     ``tf.nn.moments``). Entries outside the mask are set to 0.
     """
     mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask, unbiased=unbiased) + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return _where(whitened, mask)
+    return whiten(values, mask, mean, masked_var(values, mask, unbiased=unbiased), shift_mean, eps)
 
 
 # ----------------------------------------------------------------------------- KL and rewards

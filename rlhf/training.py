@@ -24,6 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rlhf.artifacts import CHECKPOINTS, append_metrics, atomic_write_text, truncate_metrics
 from rlhf.config import TrainingConfig
+from rlhf.distributed import any_process, barrier, every_process, is_main_process, on_main
 from rlhf.errors import TrainingDiverged
 
 SCHEDULERS = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
@@ -38,6 +39,11 @@ def precision_flags(amp: str) -> dict[str, bool]:
     if amp == "auto":
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {"bf16": amp == "bf16", "fp16": amp == "fp16"}
+
+
+def tf32_available() -> bool:
+    """Whether this machine's GPU multiplies fp32 matrices in TF32 (Ampere and later, ~8x the fp32 rate)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 def trainer_arguments(args_class: type, config: TrainingConfig, stage_dir: Path, seed: int, has_eval: bool, **extra):
@@ -63,7 +69,9 @@ def trainer_arguments(args_class: type, config: TrainingConfig, stage_dir: Path,
         max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else None,
         optim="adamw_torch_fused",  # fused kernels on CPU too (torch >= 2.4)
         gradient_checkpointing=config.gradient_checkpointing,
-        tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
+        tf32=True if tf32_available() else None,
+        torch_compile=config.compile,
+        ddp_find_unused_parameters=False,  # every parameter takes part in every step: no search each step
         eval_strategy=eval_strategy,
         eval_steps=config.eval_every or None,
         logging_steps=config.log_every or 10,
@@ -128,7 +136,8 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        finite = self.loss_finite and gradients_finite(parameters)
+        # Each process sees its own losses (and, when sharded, its own gradients): all skip together.
+        finite = every_process(self.loss_finite and gradients_finite(parameters))
         self.loss_finite = True
         if finite:
             self.in_a_row = 0
@@ -156,8 +165,10 @@ class GracefulStop(TrainerCallback):
 
     The loop then saves a checkpoint and calls `exit`, which raises KeyboardInterrupt (the CLI
     exits 130 saying the same command resumes). A second signal raises at once. As a Trainer
-    callback it asks the Trainer to save and stop at the end of the step; PPO's loop reads
-    `received` itself. Outside the main thread, where Python cannot handle signals, it does nothing.
+    callback it asks the Trainer to save and stop at the end of the step; PPO's loop asks
+    `requested()` itself. Outside the main thread, where Python cannot handle signals, it does
+    nothing. (Under torchrun the workers run in sessions of their own: torchrun passes them the
+    signal it gets, once.)
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -185,11 +196,20 @@ class GracefulStop(TrainerCallback):
               "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
 
     def exit(self, checkpoint: Path | str) -> NoReturn:
+        """Raise KeyboardInterrupt once every process is here (the main one may still be writing `checkpoint`)."""
+        barrier()
         print(f"{self.stage}: stopped by {self.received}; saved {checkpoint}", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
+    def requested(self) -> bool:
+        """Whether a signal asked to stop, here or in another process (which then all stop at the same
+        step; every process asks at the same point). The first process's signal name is kept."""
+        if any_process(self.received is not None):
+            self.received = self.received or "a signal to another process"
+        return self.received is not None
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received:
+        if self.requested():
             control.should_save = True
             control.should_training_stop = True
 
@@ -234,9 +254,21 @@ def train(trainer, ctx) -> float:
         trainer.add_callback(callback)
     started = time.perf_counter()
     with stop:
-        trainer.train(resume_from_checkpoint=resume_point(stage_dir, ctx.fingerprint, ctx.fresh))
+        trainer.train(resume_from_checkpoint=on_main(lambda: resume_point(stage_dir, ctx.fingerprint, ctx.fresh)))
     if guard.diverged:
         raise TrainingDiverged(guard.diverged)
     if stop.received:
         stop.exit(Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
     return time.perf_counter() - started
+
+
+def save_trained(trainer, tokenizer, out_dir: Path, merge_lora: bool = False) -> None:
+    """The trained model (LoRA adapters merged) and tokenizer in save_pretrained layout, written by the
+    main process. Sharded by FSDP or DeepSpeed, the full weights are gathered first, every process
+    taking part."""
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+    if is_main_process():
+        model = trainer.model.merge_and_unload() if merge_lora else trainer.model
+        model.save_pretrained(out_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(out_dir)

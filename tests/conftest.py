@@ -63,3 +63,15 @@ def tiny_rlhf(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny_rlhf")
     return run_once(write_tiny_rlhf(folder), folder)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, saying so, where there is none."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

@@ -122,7 +122,7 @@ def test_demo_no_kl_is_the_demo_without_kl() -> None:
     assert list(no_kl.stages) == list(demo.stages) == ["tokenizer", "pretrain", "sft", "reward", "ppo", "report"]
     ppo = no_kl.stages["ppo"]
     assert ppo.kl_coef == 0.0 and ppo.kl_target == 0.0
-    for name in ("tokenizer", "pretrain", "sft", "reward"):
+    for name in ("tokenizer", "pretrain", "sft", "reward", "report"):
         assert no_kl.stages[name] == demo.stages[name], f"stage {name} is the demo's"
     changed = {f.name for f in dataclasses.fields(ppo) if getattr(ppo, f.name) != getattr(demo.stages["ppo"], f.name)}
     assert changed == {"kl_coef", "kl_target"}, "only the KL settings differ from the demo's PPO stage"

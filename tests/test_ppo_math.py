@@ -11,7 +11,7 @@ import torch
 from rlhf.ppo_math import (
     KL_ESTIMATORS, AdaptiveKLController, FixedKLController, Rollout, entropy_from_logits,
     explained_variance, gae_advantages, kl_k1, kl_k3, kl_penalised_rewards, logprobs_from_logits,
-    masked_mean, masked_sum, masked_var, masked_whiten, policy_loss_clipped, value_loss_clipped,
+    masked_mean, masked_sum, masked_var, masked_whiten, policy_loss_clipped, value_loss_clipped, whiten,
 )
 
 D = torch.float64
@@ -65,6 +65,15 @@ def test_masked_whiten_by_hand():
     close(k, [[7 / 3 - 4 / s14, 7 / 3 - 1 / s14, 0.0], [7 / 3 + 5 / s14, 0.0, 0.0]])
     close(masked_mean(k, MASK), 7 / 3)
     close(masked_var(k, MASK, unbiased=False), 1.0)
+
+
+def test_whiten_with_given_statistics_by_hand():
+    # Mean 2 and variance 4 from elsewhere (e.g. every process's batch): (x - 2) / 2 on 1, 2, 4 ->
+    # -0.5, 0, 1; padding -> 0. With shift_mean=False the mean comes back: 1.5, 2, 3.
+    close(whiten(VALUES, MASK, t(2.0), t(4.0), eps=0.0), [[-0.5, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    close(whiten(VALUES, MASK, t(2.0), t(4.0), shift_mean=False, eps=0.0), [[1.5, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    # masked_whiten is whiten with the batch's own mean 7/3 and population variance 14/9.
+    close(masked_whiten(VALUES, MASK), whiten(VALUES, MASK, t(7 / 3), t(14 / 9)))
 
 
 def test_masked_whiten_random_is_standardised():

@@ -7,6 +7,8 @@
     def run(ctx: StageContext) -> dict final metrics (kept in the manifest)
 
 and reads its upstream stages' outputs only through the artifact directory (`ctx.upstream`).
+A module with `DATA_PARALLEL = True` runs on every process of a torchrun / `accelerate launch` run
+(each writing nothing but what the main process writes); the others run on the main process alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import invalidate, read_manifest
+from rlhf.distributed import is_main_process
 from rlhf.errors import ArtifactError, ConfigError
 
 
@@ -53,7 +56,8 @@ class StageContext:
     def begin(self) -> Path:
         """Called once the inputs are checked: from here the stage's old outputs are replaced."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        invalidate(self.out_dir)
+        if is_main_process():
+            invalidate(self.out_dir)
         return self.out_dir
 
 

@@ -4,9 +4,13 @@ Models: the policy (from SFT), a frozen reference (the SFT model, or the LoRA po
 adapters disabled), the frozen reward model (normalised scores) and a value model initialised
 from the reward model; dropout off everywhere. Each iteration: sample, score, compute
 KL-penalised rewards and GAE advantages, then several epochs of clipped updates (see
-`rlhf.ppo`). Checkpoints hold both models, both optimizers and schedulers, the KL controller
+`rlhf.ppo`). Checkpoints hold both models, the optimizer and its schedule, the KL controller
 and the iteration; sampling and shuffling are seeded per iteration, so a resumed run follows
 the same curve.
+
+Under torchrun every process samples its own share of each iteration's prompts with its own seeds;
+advantages are whitened, the KL controller steered and the metrics averaged over all of them
+(`rlhf.ppo`); DDP averages the gradients. The main process evaluates, logs and saves.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from rlhf.config import PPOConfig
 from rlhf.data import check_prompt_rows, read_rows
 from rlhf.stages import StageContext
 
-CHECKPOINT_FILES = ("policy.safetensors", "value.safetensors", "optimizers.pt", "state.json")
+DATA_PARALLEL = True
+CHECKPOINT_FILES = ("policy.safetensors", "value.safetensors", "optimizer.pt", "state.json")
+RANK_SEED_STRIDE = 2**40
+"""Added per process rank to the sampling and shuffling seeds: each process draws its own samples."""
 
 
 def upstream(config: PPOConfig) -> tuple[str, ...]:
@@ -42,7 +49,15 @@ class PPOInputs(NamedTuple):
 
 def read_inputs(config: PPOConfig) -> PPOInputs:
     """The checked training and held-out prompts, the extra reward functions and the judge."""
+    from rlhf.distributed import sharding
+    from rlhf.errors import ConfigError
     from rlhf.responses import load_function
+
+    if sharding():
+        raise ConfigError(
+            f"PPO does not run under {sharding()} sharding (sampling needs every weight in each process); "
+            "launch this stage data-parallel: torchrun, or accelerate launch without the sharding config"
+        )
 
     prompts, eval_prompts = [], []
     for name, kept in ((config.prompts, prompts), (config.eval_prompts, eval_prompts)):
@@ -55,10 +70,11 @@ def read_inputs(config: PPOConfig) -> PPOInputs:
     return PPOInputs(prompts, eval_prompts, reward_functions, judge)
 
 
-def prompt_order(n_prompts: int, step: int, batch: int, seed: int) -> list[int]:
-    """Indices of the prompts of iteration `step`: an endless stream, reshuffled every pass."""
+def prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) -> list[int]:
+    """Indices of the `chunk`-th `batch` prompts of an endless stream, reshuffled every pass. Iteration
+    `step` of process `rank` out of `world` takes chunk `step * world + rank`."""
     indices = []
-    for position in range(step * batch, (step + 1) * batch):
+    for position in range(chunk * batch, (chunk + 1) * batch):
         epoch, offset = divmod(position, n_prompts)
         permutation = list(range(n_prompts))
         random.Random(seed * 7919 + epoch).shuffle(permutation)
@@ -73,36 +89,36 @@ def scheduler(optimizer, config: PPOConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
 
-def save_checkpoint(folder: Path, models, optimizers, schedulers, controller, step: int, baseline: dict | None) -> None:
+def save_checkpoint(folder: Path, models, optimizer, scheduler, controller, step: int, baseline: dict | None) -> None:
     """Weights as safetensors, optimizer tensors via torch.save (read back with weights_only), state as JSON."""
     import torch
     from safetensors.torch import save_model
 
     from rlhf.artifacts import atomic_write_text
+    from rlhf.ppo import unwrapped
 
     temporary = folder.with_name(folder.name + ".tmp")
     temporary.mkdir(parents=True, exist_ok=True)
-    save_model(models.policy, str(temporary / "policy.safetensors"))
-    save_model(models.value, str(temporary / "value.safetensors"))
-    torch.save({"optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers]},
-               temporary / "optimizers.pt")  # fmt: skip
+    save_model(unwrapped(models.policy), str(temporary / "policy.safetensors"))
+    save_model(unwrapped(models.value), str(temporary / "value.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, temporary / "optimizer.pt")
     state = {"step": step, "kl_controller": controller.state_dict(), "sft_evaluation": baseline}
     atomic_write_text(temporary / "state.json", json.dumps(state))
     temporary.rename(folder)  # a checkpoint folder exists only once complete
 
 
-def load_checkpoint(folder: Path, models, optimizers, schedulers, controller) -> tuple[int, dict | None]:
-    """Restore a checkpoint; returns (iteration, the SFT policy's held-out evaluation)."""
+def load_checkpoint(folder: Path, models, optimizer, scheduler, controller) -> tuple[int, dict | None]:
+    """Restore a checkpoint (every process reads the same one); returns (iteration, the SFT policy's held-out evaluation)."""
     import torch
     from safetensors.torch import load_model
 
-    load_model(models.policy, str(folder / "policy.safetensors"))
-    load_model(models.value, str(folder / "value.safetensors"))
-    states = torch.load(folder / "optimizers.pt", weights_only=True)
-    for optimizer, state in zip(optimizers, states["optimizers"]):
-        optimizer.load_state_dict(state)
-    for sched, state in zip(schedulers, states["schedulers"]):
-        sched.load_state_dict(state)
+    from rlhf.ppo import unwrapped
+
+    load_model(unwrapped(models.policy), str(folder / "policy.safetensors"))
+    load_model(unwrapped(models.value), str(folder / "value.safetensors"))
+    states = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
     state = json.loads((folder / "state.json").read_text())
     controller.load_state_dict(state["kl_controller"])
     return state["step"], state.get("sft_evaluation")
@@ -126,12 +142,14 @@ def latest_checkpoint(root: Path, fingerprint: str, fresh: bool = False) -> Path
 def run(ctx: StageContext) -> dict:
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.artifacts import CHECKPOINTS, append_metrics, truncate_metrics
+    from rlhf.distributed import is_main_process, mean_over_processes, on_main, rank, world_size
     from rlhf.errors import ArtifactError, TrainingDiverged
     from rlhf.evaluation import sample_policy
     from rlhf.model import set_dropout
@@ -139,7 +157,7 @@ def run(ctx: StageContext) -> dict:
     from rlhf.ppo_math import AdaptiveKLController, FixedKLController
     from rlhf.responses import encode_prompts, prompt_text
     from rlhf.tokenizer import check_fits_model
-    from rlhf.training import GracefulStop, precision_flags
+    from rlhf.training import GracefulStop, precision_flags, tf32_available
 
     config: PPOConfig = ctx.config
 
@@ -157,7 +175,11 @@ def run(ctx: StageContext) -> dict:
     out_dir = ctx.begin()
 
     flags = precision_flags(config.amp)
-    accelerator = Accelerator(mixed_precision="bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no")
+    cuda = torch.cuda.is_available()
+    AcceleratorState._reset_state()  # an earlier stage's Trainer fixed its own precision (as TrainingArguments resets it)
+    accelerator = Accelerator(mixed_precision="bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no", cpu=not cuda)
+    if tf32_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matrix products autocast leaves
     torch.manual_seed(ctx.seed)
     policy = AutoModelForCausalLM.from_pretrained(sft_dir)
     reference = None
@@ -173,15 +195,15 @@ def run(ctx: StageContext) -> dict:
         if model is not None:
             set_dropout(model, 0.0)
 
-    # 2. Optimizers, schedules and the KL controller; resume from the last checkpoint if any.
+    # 2. One optimizer (a parameter group per model, so fp16's scaler unscales once per step), its
+    #    schedule and the KL controller; resume from the last checkpoint if any.
     updates_per_step = config.ppo_epochs * config.rollout_batch_size // (config.minibatch_size * config.grad_accum)
     total_updates = config.steps * updates_per_step
-    optimizers = [
-        torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr, eps=1e-5),
-        torch.optim.AdamW(value.parameters(), lr=config.value_lr or config.lr, eps=1e-5),
-    ]
-    schedulers = [scheduler(o, config, total_updates) for o in optimizers]
-    policy, value, *optimizers = accelerator.prepare(policy, value, *optimizers)
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.lr},
+              {"params": list(value.parameters()), "lr": config.value_lr or config.lr}]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, eps=1e-5, fused=cuda)
+    schedule = scheduler(optimizer, config, total_updates)
+    policy, value, optimizer = accelerator.prepare(policy, value, optimizer)
     device = accelerator.device
     reward.to(device)
     if reference is not None:
@@ -191,12 +213,13 @@ def run(ctx: StageContext) -> dict:
                   if config.kl_target > 0 else FixedKLController(config.kl_coef))  # fmt: skip
     checkpoints = out_dir / CHECKPOINTS
     start_step, before = 0, None
-    last = latest_checkpoint(checkpoints, ctx.fingerprint, ctx.fresh)
+    last = on_main(lambda: latest_checkpoint(checkpoints, ctx.fingerprint, ctx.fresh))
     if last is not None:
-        start_step, before = load_checkpoint(last, models, optimizers, schedulers, controller)
-        truncate_metrics(out_dir, start_step)
+        start_step, before = load_checkpoint(last, models, optimizer, schedule, controller)
         print(f"ppo: resuming from {last} (iteration {start_step})")
-    else:
+    if is_main_process() and last is not None:
+        truncate_metrics(out_dir, start_step)  # the iterations after the checkpoint are logged again
+    elif is_main_process():
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     unwrapped = accelerator.unwrap_model(policy)
 
@@ -212,37 +235,40 @@ def run(ctx: StageContext) -> dict:
             result["judge"] = samples.mean("judge_scores")
         return result
 
-    if eval_prompts and start_step == 0:
+    if eval_prompts and start_step == 0 and is_main_process():
         before = evaluate()
 
-    # 4. The PPO loop: rollout, update, log, checkpoint.
+    # 4. The PPO loop: rollout, update, log, checkpoint. Each process answers its own prompts.
+    episodes_per_step = config.rollout_batch_size * world_size()
     encoded = encode_prompts(tokenizer, prompts)
     limit = unwrapped.config.n_positions - config.max_new_tokens
-    progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="ppo", unit="it")
+    progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="ppo", unit="it",
+                    disable=not is_main_process())
     diverged = 0  # iterations in a row whose every update was NaN or inf
     with GracefulStop("ppo") as stop:  # SIGINT/SIGTERM: finish the iteration, save a checkpoint, stop
         for step in progress:
-            # 4a. The iteration's prompts, sampled and scored with a per-iteration seed.
-            batch = prompt_order(len(prompts), step, config.rollout_batch_size, ctx.seed)
-            generator = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + step)
-            rollout, stats = make_rollout(
-                models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
-                config, controller.value, generator, reward_functions, judge,
-            )  # fmt: skip
-            # 4b. Clipped policy and value updates over reshuffled minibatches.
-            shuffle = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)
-            stats.update(ppo_update(models, rollout, config, accelerator, optimizers, schedulers, shuffle))
+            # 4a. This process's share of the iteration's prompts, sampled and scored with its own seed.
+            batch = prompt_order(len(prompts), step * world_size() + rank(), config.rollout_batch_size, ctx.seed)
+            seed = ctx.seed * 1_000_003 + step + rank() * RANK_SEED_STRIDE
+            with accelerator.autocast():
+                rollout, stats = make_rollout(
+                    models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
+                    config, controller.value, torch.Generator(device=device).manual_seed(seed), reward_functions, judge,
+                )  # fmt: skip
+            # 4b. Clipped policy and value updates over reshuffled minibatches; statistics averaged over processes.
+            stats.update(ppo_update(models, rollout, config, accelerator, optimizer, schedule, torch.Generator().manual_seed(seed)))
+            stats = mean_over_processes(stats, maxima=("ratio_max",))
             diverged = diverged + 1 if stats["nonfinite_steps"] == updates_per_step else 0
             if diverged >= config.max_nonfinite_iterations:
-                kept = latest_checkpoint(checkpoints, ctx.fingerprint)
+                kept = on_main(lambda: latest_checkpoint(checkpoints, ctx.fingerprint))
                 raise TrainingDiverged(
                     f"ppo: {diverged} iterations in a row had only NaN/inf losses or gradients (iteration {step + 1}); "
                     f"stopped. Last good checkpoint: {kept or 'none'}; lower lr or check the reward model's scores"
                 )
             # 4c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint.
-            controller.update(stats["kl"], config.rollout_batch_size)
-            stats.update(step=step + 1, episodes=(step + 1) * config.rollout_batch_size, lr=schedulers[0].get_last_lr()[0])
-            if accelerator.is_main_process:
+            controller.update(stats["kl"], episodes_per_step)
+            stats.update(step=step + 1, episodes=(step + 1) * episodes_per_step, lr=schedule.get_last_lr()[0])
+            if is_main_process():
                 append_metrics(out_dir, stats)
             if stats["kl"] < -1e-3:
                 warnings.warn(f"ppo iteration {step + 1}: negative mean KL {stats['kl']:.4f}: k1 estimates are noisy; "
@@ -251,13 +277,16 @@ def run(ctx: StageContext) -> dict:
                 warnings.warn(f"ppo iteration {step + 1}: importance ratio reached {stats['ratio_max']:.1f}; lower lr or clip_range")
             progress.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{controller.value:.3f}")
             due = (step + 1) % config.save_every == 0 and step + 1 < config.steps
-            if (due or stop.received) and accelerator.is_main_process:
-                save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizers, schedulers, controller, step + 1, before)
-            if stop.received:
+            stopping = stop.requested()
+            if due or stopping:
+                on_main(lambda: save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizer, schedule, controller, step + 1, before))
+            if stopping:
                 stop.exit(checkpoints / f"step-{step + 1}")
 
-    # 5. Evaluate on held-out prompts; save the policy (adapters merged) and the value model.
-    metrics: dict = {"iterations": config.steps, "episodes": config.steps * config.rollout_batch_size, "beta": controller.value}
+    # 5. The main process evaluates on held-out prompts and saves the policy (adapters merged) and the value model.
+    if not is_main_process():
+        return {}
+    metrics: dict = {"iterations": config.steps, "episodes": config.steps * episodes_per_step, "beta": controller.value}
     if eval_prompts:
         after = evaluate()
         metrics.update({f"eval_{name}": value_ for name, value_ in after.items()})

@@ -14,6 +14,8 @@ from rlhf.data import read_text_documents
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
+DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch
+
 
 def upstream(config) -> tuple[str, ...]:
     return ("tokenizer",)
@@ -49,7 +51,7 @@ def run(ctx: StageContext) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from rlhf.model import RlhfConfig, RlhfForCausalLM
-    from rlhf.training import train, trainer_arguments
+    from rlhf.training import save_trained, train, trainer_arguments
 
     config: PretrainConfig = ctx.config
     block_size = config.block_size or config.model.n_positions
@@ -92,8 +94,7 @@ def run(ctx: StageContext) -> dict:
 
     # 4. Evaluate on the held-out tail and save in save_pretrained layout.
     evaluation = trainer.evaluate()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_trained(trainer, tokenizer, out_dir)
     metrics = {
         "eval_loss": evaluation["eval_loss"],
         "eval_perplexity": math.exp(evaluation["eval_loss"]),

@@ -18,6 +18,8 @@ from rlhf.data import preference_pairs, read_rows
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
+DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch; the main one evaluates
+
 
 def upstream(config: RewardConfig) -> tuple[str, ...]:
     return (config.init,)
@@ -72,11 +74,12 @@ def run(ctx: StageContext) -> dict:
     from trl import RewardTrainer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
+    from rlhf.distributed import is_main_process
     from rlhf.model import set_dropout
     from rlhf.responses import sample_responses
     from rlhf.scoring import RewardScorer
     from rlhf.tokenizer import check_fits_model
-    from rlhf.training import train, trainer_arguments
+    from rlhf.training import save_trained, train, trainer_arguments
 
     config: RewardConfig = ctx.config
 
@@ -112,10 +115,11 @@ def run(ctx: StageContext) -> dict:
         train_dataset=Dataset.from_list(train_pairs), eval_dataset=Dataset.from_list(eval_pairs),
     )  # fmt: skip
     seconds = train(trainer, ctx)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_trained(trainer, tokenizer, out_dir)
+    if not is_main_process():
+        return {}
 
-    # 4. Held-out accuracy and margin, scored exactly as downstream tools score.
+    # 4. Held-out accuracy and margin, scored exactly as downstream tools score (the main process).
     scorer = RewardScorer(out_dir)
     accuracy, margin = pair_accuracy(scorer, eval_pairs)
 

@@ -18,6 +18,8 @@ from rlhf.data import check_prompt_rows, check_sft_rows, read_rows, split_tail
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
+DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch; the main one judges
+
 
 def upstream(config) -> tuple[str, ...]:
     return ("pretrain",)
@@ -92,8 +94,9 @@ def run(ctx: StageContext) -> dict:
     from trl import SFTTrainer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
+    from rlhf.distributed import is_main_process
     from rlhf.tokenizer import check_fits_model
-    from rlhf.training import train, trainer_arguments
+    from rlhf.training import save_trained, train, trainer_arguments
 
     config: SFTConfig = ctx.config
 
@@ -112,7 +115,7 @@ def run(ctx: StageContext) -> dict:
     check_lengths(config.data, rendered_lengths(tokenizer, rows, data_format), max_length)
     out_dir = ctx.begin()
     metrics: dict = {"examples": len(rows)}
-    if judge:
+    if judge and is_main_process():
         metrics["judge_before"] = judge_policy(model, tokenizer, config, judge_prompts, judge, ctx.seed)
 
     # 3. Fine-tune on TRL's SFTTrainer, loss on completions only, optionally through LoRA.
@@ -134,12 +137,13 @@ def run(ctx: StageContext) -> dict:
     seconds = train(trainer, ctx)
     evaluation = trainer.evaluate()
 
-    # 4. Merge adapters, judge the fine-tuned policy, save.
-    model = trainer.model.merge_and_unload() if config.lora else trainer.model
+    # 4. Save (adapters merged); the main process judges the saved policy.
+    save_trained(trainer, tokenizer, out_dir, merge_lora=config.lora is not None)
+    if not is_main_process():
+        return {}
     if judge:
-        metrics["judge_after"] = judge_policy(model, tokenizer, config, judge_prompts, judge, ctx.seed)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+        policy = AutoModelForCausalLM.from_pretrained(out_dir).to(trainer.args.device)
+        metrics["judge_after"] = judge_policy(policy, tokenizer, config, judge_prompts, judge, ctx.seed)
     metrics.update(
         eval_loss=evaluation["eval_loss"], eval_perplexity=math.exp(evaluation["eval_loss"]),
         eval_accuracy=evaluation.get("eval_mean_token_accuracy"), train_seconds=round(seconds, 1),

@@ -1,0 +1,170 @@
+"""Data-parallel runs: one process per device, started by `torchrun` or `accelerate launch`.
+
+The launcher gives each process RANK, LOCAL_RANK and WORLD_SIZE in its environment. With WORLD_SIZE
+above 1 the first collective call here joins the process group through accelerate's `PartialState`
+(gloo on CPU, NCCL on CUDA, each process on its LOCAL_RANK's GPU). With one process every helper
+answers from the environment or calls straight through, and never imports torch: single-process
+runs, the skip path and `rlhf --help` are unchanged.
+
+The contract: every process runs the same code and reaches the same collective calls in the same
+order; only the main process (rank 0) writes to the run directory; what it decides or raises
+reaches the others through `on_main`, so all processes take the same path and fail together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pickle
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+WAIT_TIMEOUT = datetime.timedelta(hours=2)
+"""How long a process waits in a collective for the others. The main process works alone at times
+(training the tokenizer, writing the report, evaluating a policy) while the others wait."""
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def sharding() -> str | None:
+    """'fsdp' or 'deepspeed' when `accelerate launch --config_file` asked for sharded training, else None."""
+    for name, variable in (("fsdp", "ACCELERATE_USE_FSDP"), ("deepspeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() == "true":
+            return name
+    return None
+
+
+def init() -> None:
+    """Join the process group (once; nothing to do for a single process)."""
+    if not is_distributed():
+        return
+    import torch
+
+    if not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT_TIMEOUT)
+
+
+def _device():
+    """Where collective tensors live: the process's GPU under NCCL, else the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        import torch
+
+        init()
+        torch.distributed.barrier()
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def on_main(function: Callable[[], T]) -> T:
+    """Call `function` on the main process only; every process returns its result or raises its error.
+
+    Also a barrier: no process goes on before the main one has finished. An error re-raised on the
+    other processes carries `reported_by_main = True`, so the command prints it once.
+    """
+    if not is_distributed():
+        return function()
+    import torch
+
+    init()
+    outcome: list = [None]
+    if is_main_process():
+        try:
+            outcome = [("result", function())]
+        except Exception as error:
+            outcome = [("error", _picklable(error))]
+            torch.distributed.broadcast_object_list(outcome, src=0)
+            raise
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        value.reported_by_main = True
+        raise value
+    return value
+
+
+def _reduce(values: list[float], op: str) -> list[float]:
+    import torch
+
+    init()
+    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(tensor, op=getattr(torch.distributed.ReduceOp, op))
+    return tensor.tolist()
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (every process calls this at the same point)."""
+    return bool(_reduce([float(flag)], "MAX")[0]) if is_distributed() else bool(flag)
+
+
+def every_process(flag: bool) -> bool:
+    """Whether `flag` holds on every process (every process calls this at the same point)."""
+    return bool(_reduce([float(flag)], "MIN")[0]) if is_distributed() else bool(flag)
+
+
+def all_sum(tensor):
+    """`tensor` summed over the processes, in place (returned as well); unchanged for one process."""
+    if is_distributed():
+        import torch
+
+        init()
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def mean_over_processes(stats: dict[str, float], maxima: tuple[str, ...] = ()) -> dict[str, float]:
+    """Each statistic averaged over the processes (the keys in `maxima`: their maximum).
+
+    Every process must hold the same keys; equal batch sizes make the mean of means the global mean.
+    """
+    if not is_distributed():
+        return dict(stats)
+    keys = sorted(stats)
+    means = [total / world_size() for total in _reduce([float(stats[k]) for k in keys], "SUM")]
+    result = dict(zip(keys, means))
+    top = [k for k in keys if k in maxima]
+    if top:
+        result.update(zip(top, _reduce([float(stats[k]) for k in top], "MAX")))
+    return result
+
+
+@contextlib.contextmanager
+def quiet_unless_main() -> Iterator[None]:
+    """Silence stdout and stderr of the processes other than the main one: rank 0 speaks for the run.
+
+    An exception still leaves the block and reaches the command, which reports it.
+    """
+    if is_main_process():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
