@@ -127,18 +127,26 @@ def _is_clean(text: str) -> bool:
             and len(set(words)) == len(words) and len(set(sentences)) == len(sentences))
 
 
-def judge_one(prompt: str, response: str) -> float:
-    """Score one response; see :func:`gold_judge` for the rubric."""
+JUDGE_WEIGHTS = {"correct": 0.5, "opening": 0.2, "closing": 0.2, "clean": 0.1}
+
+
+def judge_parts(prompt: str, response: str) -> dict[str, bool]:
+    """Which rubric items of :func:`gold_judge` a response earns (all False for an unknown prompt)."""
     try:
         req = parse_request(prompt)
         if req is None:
-            return 0.0
+            return dict.fromkeys(JUDGE_WEIGHTS, False)
         text = response.strip()
-        score = 0.5 * _is_correct(req, text) + 0.2 * text.startswith(OPENING)
-        score += 0.2 * text.endswith(CLOSING) + 0.1 * _is_clean(text)
-        return round(score, 4)
+        return {"correct": _is_correct(req, text), "opening": text.startswith(OPENING),
+                "closing": text.endswith(CLOSING), "clean": _is_clean(text)}  # fmt: skip
     except Exception:  # the judge must never raise on garbage input
-        return 0.0
+        return dict.fromkeys(JUDGE_WEIGHTS, False)
+
+
+def judge_one(prompt: str, response: str) -> float:
+    """Score one response; see :func:`gold_judge` for the rubric."""
+    parts = judge_parts(prompt, response)
+    return round(sum(JUDGE_WEIGHTS[name] for name, earned in parts.items() if earned), 4)
 
 
 def gold_judge(prompts: list[str], responses: list[str]) -> list[float]:

@@ -11,6 +11,7 @@ from rlhf.demo_task import (
     DATA_FILES,
     gold_judge,
     judge_one,
+    judge_parts,
     parse_request,
     user_text,
     write_data_samples,
@@ -64,6 +65,14 @@ def test_parse_request() -> None:
 )
 def test_judge_rubric(prompt: str, response: str, expected: float) -> None:
     assert judge_one(prompt, response) == pytest.approx(expected)
+
+
+def test_judge_parts_name_the_rubric_items() -> None:
+    assert judge_parts("What is 3 + 4?", "Sure! 3 + 4 = 8. Have a nice day.") == {
+        "correct": False, "opening": True, "closing": True, "clean": True}
+    assert judge_parts("Name 2 fruits.", "Ugh. Here are 2 fruits: apple, pear.") == {
+        "correct": True, "opening": False, "closing": False, "clean": False}
+    assert not any(judge_parts("Tell me a joke.", "Sure! Have a nice day.").values())
 
 
 def test_judge_batch_and_robustness() -> None:
