@@ -1,6 +1,6 @@
 """Data-parallel and sharded runs on the CPU (gloo): the cross-process helpers in two spawned
-processes, FSDP2 sharding of the decoder by the shipped accelerate config, and the tiny pipeline
-under `torchrun --nproc_per_node 2` end to end (artifacts written once, metrics sane, models load,
+processes, FSDP2 sharding of the decoder by the shipped accelerate config, the shipped demo
+pipeline (shortened by overrides) and the tiny pipeline under `torchrun --nproc_per_node 2` end to end (artifacts written once, metrics sane, models load,
 a second run skips everything, bad input fails every process with one error line).
 """
 
@@ -336,3 +336,32 @@ def test_bad_input_fails_both_processes_with_one_error_line(tmp_path) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "sft.jsonl: row 1: completion: empty text" in errors[0], result.stderr[-3000:]
     assert not (tmp_path / "run").exists(), "nothing is written"
+
+
+DEMO_SHORTENED = (  # pipelines/demo.yaml as shipped (model, data, settings), with fewer steps
+    "stages.pretrain.max_steps=8", "stages.pretrain.log_every=2", "stages.sft.max_steps=4", "stages.sft.log_every=2",
+    "stages.reward.max_steps=4", "stages.reward.log_every=2", "stages.reward.norm_prompts=32",
+    "stages.ppo.steps=2", "stages.ppo.rollout_batch_size=16", "stages.ppo.minibatch_size=8", "stages.report.samples=32",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_demo_pipeline_runs_on_two_processes(tmp_path) -> None:
+    """The shipped demo pipeline itself (its model, data files, judge and report), shortened by overrides."""
+    from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
+    from rlhf.config import STAGE_ORDER
+
+    run_dir = tmp_path / "demo"
+    result = torchrun("run", "pipelines/demo.yaml", "--run-dir", run_dir, *DEMO_SHORTENED)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for stage in STAGE_ORDER:
+        manifest = read_manifest(run_dir / stage)
+        assert manifest["status"] == "complete" and verify_outputs(run_dir / stage, manifest) is None, stage
+        assert result.stdout.count(f"[{stage}] done") == 1, stage
+    rows = read_metrics(run_dir / "ppo")
+    assert [row["episodes"] for row in rows] == [WORLD * 16, WORLD * 32]
+    assert all(math.isfinite(row["score"]) and row["kl"] >= -0.1 for row in rows)
+    assert [row["step"] for row in read_metrics(run_dir / "pretrain") if "loss" in row] == [2, 4, 6, 8]
+    report = json.loads((run_dir / "report" / "compare.json").read_text(encoding="utf-8"))
+    assert report["prompts"] == 32 and [row["policy"] for row in report["policies"]] == ["sft", "ppo", "pretrain"]
+    assert (run_dir / "report.md").is_file()
