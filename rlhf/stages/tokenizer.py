@@ -8,6 +8,7 @@ from rlhf.config import TokenizerConfig
 from rlhf.data import all_strings, read_rows, read_text_documents
 from rlhf.stages import StageContext
 
+
 def upstream(config) -> tuple[str, ...]:
     return ()
 
