@@ -315,6 +315,10 @@ class ReportConfig:
     """Held-out prompts ('prompt' column); a 'reference' answer column adds BLEU and perplexity."""
     policies: list[str] = field(default_factory=lambda: ["sft", "ppo", "pretrain"])
     """Stages whose policies are compared, the first being the baseline of the win rates."""
+    best_of: list[int] = field(default_factory=lambda: [4, 16])
+    """Best-of-N baselines compared after those policies: for each N, `<first policy>@best-of-N` (N answers
+    per prompt from the first policy, the one the reward model scores highest kept; see `rlhf compare`).
+    Empty: none. Each costs N times the first policy's sampling."""
     reward: str = "reward"
     """Stage whose reward model scores the responses."""
     reference: str = "sft"
@@ -337,6 +341,9 @@ class ReportConfig:
         _check(len(self.policies) > 0, "policies: name at least one stage")
         for name in (*self.policies, self.reference):
             _check(name in ("pretrain", "sft", "ppo"), f"policies and reference: {name!r} is not a policy stage (pretrain, sft, ppo)")
+        for n in self.best_of:
+            _check(n >= 1, f"best_of: N must be a positive integer, got {n}")
+        _check(len(set(self.best_of)) == len(self.best_of), f"best_of: an N is listed twice in {self.best_of}")
         _check(self.samples >= 0 and self.batch_size > 0 and self.max_new_tokens > 0,
                "samples >= 0, batch_size > 0 and max_new_tokens > 0 required")  # fmt: skip
         _check(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
