@@ -279,6 +279,9 @@ class PPOConfig(OptimizationConfig):
     """Score given (in normalised reward units) to a response that never emits the stop token."""
     reward_functions: list[str] = field(default_factory=list)
     """Extra 'module:function' rewards taking (prompts, responses) texts, added to the score."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's normalised score in the score. 0 trains on `reward_functions` alone (and the
+    missing-EOS penalty): the reward model then only initialises the value model and is logged as rm_score."""
     lora: LoraSettings | None = None
     """Train LoRA adapters on the policy; the reference is the policy with adapters disabled."""
     eval_prompts: str = ""
@@ -307,6 +310,9 @@ class PPOConfig(OptimizationConfig):
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")
         _check(self.clip_range > 0 and self.clip_range_value > 0, "clip_range and clip_range_value: must be positive")
         _check(bool(self.eval_prompts) or not self.judge, "judge: needs eval_prompts")
+        _check(self.reward_model_weight >= 0, f"reward_model_weight: must be >= 0, got {self.reward_model_weight}")
+        _check(self.reward_model_weight > 0 or bool(self.reward_functions),
+               "reward_model_weight: 0 leaves nothing to reward; add reward_functions")  # fmt: skip
 
 
 @dataclass

@@ -268,6 +268,17 @@ def test_report_best_of_defaults_to_4_and_16_and_takes_positive_distinct_integer
             assert word in message, f"{word!r} not in {message!r}"
 
 
+def test_ppo_reward_model_weight(tmp_path) -> None:
+    ppo = MINIMAL + "  ppo: {prompts: p.jsonl}\n"
+    assert load_pipeline(write(tmp_path, ppo)).stages["ppo"].reward_model_weight == 1.0
+    gold = ppo.replace("p.jsonl}", "p.jsonl, reward_model_weight: 0, reward_functions: [rlhf.demo_task:gold_judge]}")
+    assert load_pipeline(write(tmp_path, gold)).stages["ppo"].reward_model_weight == 0.0
+    message = config_error(write(tmp_path, ppo.replace("p.jsonl}", "p.jsonl, reward_model_weight: 0}")))
+    assert "stages.ppo" in message and "reward_model_weight" in message and "reward_functions" in message
+    message = config_error(write(tmp_path, ppo.replace("p.jsonl}", "p.jsonl, reward_model_weight: -1}")))
+    assert "reward_model_weight: must be >= 0" in message
+
+
 def test_stage_without_required_data(tmp_path) -> None:
     message = config_error(write(tmp_path, "stages:\n  sft:\n"))
     assert "stages.sft" in message and "data" in message
