@@ -243,16 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="compare policies on the same held-out prompts (RM score, win rate and tests, KL, ...)",
         description="Every policy answers the same prompts with the same sampling seeds; the first policy is the "
-        "baseline for win rates. Writes a table, compare.json, compare.md and PNG plots to --out.",
+        "baseline for win rates. A policy DIR@best-of-N is best-of-N sampling from DIR: N answers per prompt, the one "
+        "the --reward model scores highest kept (its KL is analytic, log N - (N-1)/N). Writes a table, compare.json, "
+        "compare.md and PNG plots to --out.",
     )  # fmt: skip
-    compare.add_argument("policies", nargs="+", metavar="POLICY", help="policy directories (e.g. runs/demo/sft runs/demo/ppo)")
+    compare.add_argument("policies", nargs="+", metavar="POLICY",
+                         help="policy directories (e.g. runs/demo/sft runs/demo/ppo), or DIR@best-of-N (e.g. runs/demo/sft@best-of-16)")  # fmt: skip
     compare.add_argument("--reward", required=True, metavar="DIR", help="reward model directory (e.g. runs/demo/reward)")
     compare.add_argument("--prompts", required=True, metavar="FILE", help="held-out prompts; a 'reference' column adds BLEU and perplexity")
     compare.add_argument("--reference", metavar="DIR", help="policy to measure KL against (usually the SFT model)")
     compare.add_argument("--samples", type=int, default=0, metavar="N", help="use the first N prompts (default: all)")
     compare.add_argument("--judge", metavar="MODULE:FUNCTION", help="gold judge, e.g. rlhf.demo_task:gold_judge")
     compare.add_argument("--eval-data", metavar="FILE", help="held-out SFT data for perplexity (default: the prompts' references)")
-    compare.add_argument("--batch-size", type=int, default=64)
+    compare.add_argument("--batch-size", type=int, default=64, help="rows sampled together, part of the seeding (default 64)")
     compare.add_argument("--out", default="compare", metavar="DIR", help="output directory (default: compare)")
     sampling_flags(compare, temperature=1.0)
     compare.set_defaults(handler=cmd_compare)

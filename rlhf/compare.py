@@ -6,12 +6,17 @@ by the reward model (ties count half) with a two-sided sign test and a Wilcoxon 
 on the paired scores; mean KL to a reference policy; perplexity and next-token accuracy on
 held-out answers; BLEU against reference answers; a gold judge's score where the task has one;
 response length, distinct-1/2 and the share of responses that ended with EOS.
+
+A policy may also be `DIR@best-of-N`: best-of-N sampling from DIR with the comparison's reward
+model (N answers per prompt, the highest-scoring one kept). Its reward-model figures are in-sample
+(it chose by that score), its KL is analytic and it has no perplexity (see `legend_text`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +27,10 @@ from rlhf.errors import UserError
 
 SAMPLES_SHOWN = 8
 """Prompts whose responses compare.md shows side by side."""
+BEST_OF_SUFFIX = re.compile(r"best-of-([0-9]+)")
+"""What may follow '@' in a policy argument: DIR@best-of-N."""
+ANALYTIC_MARK = "*"
+"""Appended in tables to a KL computed by formula rather than sampled."""
 
 
 @dataclass
@@ -44,6 +53,36 @@ class CompareSettings:
     eval_data: str | None = None
     """Held-out SFT-format data for perplexity; None: the prompt file's reference answers, if any."""
     batch_size: int = 64
+    """Rows sampled together, each batch with its own seed (a best-of-N policy's batch holds batch_size // N
+    prompts); part of the seeding, so reproducing a comparison needs the same value."""
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy argument: a policy directory, or `DIR@best-of-N`."""
+
+    path: str
+    """The policy directory (for best-of-N, the policy sampled from)."""
+    best_of: int | None = None
+    """N of best-of-N sampling from `path` with the reward model; None: `path`'s own samples."""
+
+    @property
+    def label(self) -> str:
+        """runs/demo/sft -> sft; runs/demo/sft@best-of-16 -> sft@best-of-16."""
+        base = Path(self.path).name or self.path
+        return f"{base}@best-of-{self.best_of}" if self.best_of else base
+
+
+def parse_policy(argument: str) -> PolicySpec:
+    """`DIR` or `DIR@best-of-N` (N >= 1); anything else after the last '@' is a UserError."""
+    path, at, suffix = argument.rpartition("@")
+    if not at or "/" in suffix:  # no '@', or one inside a folder name (runs/lr@3e-4/sft)
+        return PolicySpec(argument)
+    match = BEST_OF_SUFFIX.fullmatch(suffix)
+    if not path or match is None or int(match.group(1)) < 1:
+        raise UserError(f"policy {argument!r}: expected a policy directory or DIR@best-of-N with N a positive integer, "
+                        "e.g. runs/demo/sft@best-of-16")  # fmt: skip
+    return PolicySpec(path, int(match.group(1)))
 
 
 def command_line(policies: list[str], settings: CompareSettings, out: str | None = None) -> str:
@@ -59,11 +98,12 @@ def command_line(policies: list[str], settings: CompareSettings, out: str | None
     return shlex.join(parts)
 
 
-def policy_names(paths: list[str]) -> list[str]:
-    """Short unique labels: the folder name (runs/demo/ppo -> ppo), numbered when repeated."""
+def policy_names(specs: list[PolicySpec]) -> list[str]:
+    """Short unique labels: the folder name (runs/demo/ppo -> ppo, runs/demo/sft@best-of-4 -> sft@best-of-4),
+    numbered when repeated."""
     names: list[str] = []
-    for path in paths:
-        base = Path(path).name or str(path)
+    for spec in specs:
+        base = spec.label
         name, number = base, 2
         while name in names:
             name, number = f"{base}#{number}", number + 1
@@ -103,48 +143,58 @@ def load_prompts(settings: CompareSettings) -> tuple[list[list[dict]], list[str 
 
 
 def compare_policies(policies: list[str], settings: CompareSettings, progress: bool = True) -> dict[str, Any]:
-    """Sample every policy on the same prompts and measure it; returns the comparison as plain data."""
+    """Sample every policy (a directory or `DIR@best-of-N`) on the same prompts and measure it;
+    returns the comparison as plain data."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
-    from rlhf.evaluation import answer_token_stats, sample_policy
+    from rlhf.evaluation import answer_token_stats, best_of_n_kl, sample_policy
     from rlhf.responses import load_function
     from rlhf.statistics import corpus_bleu, distinct_n, mean_ci, paired_comparison
 
     # 1. Check every directory and read the prompts before loading any model.
     if not policies:
         raise UserError("name at least one policy directory")
-    for path in policies + ([settings.reference] if settings.reference else []):
+    specs = [parse_policy(policy) for policy in policies]
+    paths = list(dict.fromkeys(spec.path for spec in specs))
+    for path in paths + ([settings.reference] if settings.reference else []):
         check_model_dir(path, "RlhfForCausalLM", "a policy (pretrain, sft or ppo stage output)")
     check_model_dir(settings.reward, "RlhfForSequenceClassification", "a reward model (the reward stage's output)")
-    check_same_tokenizer(policies + [settings.reward] + ([settings.reference] if settings.reference else []))
+    check_same_tokenizer(paths + [settings.reward] + ([settings.reference] if settings.reference else []))
     judge = load_function(settings.judge, "--judge") if settings.judge else None
     prompts, references, held_out = load_prompts(settings)
 
     # 2. The frozen models every policy is measured with.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(policies[0])
+    tokenizer = AutoTokenizer.from_pretrained(specs[0].path)
     reward = AutoModelForSequenceClassification.from_pretrained(settings.reward).to(device).eval()
     reference = AutoModelForCausalLM.from_pretrained(settings.reference).to(device).eval() if settings.reference else None
 
-    # 3. Each policy answers the same prompts with the same seeds.
-    names = policy_names(policies)
+    # 3. Each policy answers the same prompts with the same seeds; best-of-N keeps the reward model's
+    #    favourite of N answers, and its KL is the formula's, to its base policy when that is the reference.
+    names = policy_names(specs)
     rows, samples = [], {}
-    for name, path in tqdm(list(zip(names, policies)), desc="comparing", unit="policy", disable=not progress):
-        policy = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    for name, spec in tqdm(list(zip(names, specs)), desc="comparing", unit="policy", disable=not progress):
+        policy = AutoModelForCausalLM.from_pretrained(spec.path).to(device).eval()
         sampled = sample_policy(policy, tokenizer, prompts, settings.max_new_tokens, settings.seed, settings.temperature,
-                                reward_model=reward, reference=reference, judge=judge, batch_size=settings.batch_size)  # fmt: skip
+                                reward_model=reward, reference=None if spec.best_of else reference, judge=judge,
+                                batch_size=settings.batch_size, best_of=spec.best_of or 1)  # fmt: skip
         mean, low, high = mean_ci(sampled.rm_scores)
-        row: dict[str, Any] = {"policy": name, "path": str(path), "rm_score": mean, "rm_score_ci": [low, high]}
-        if held_out:
+        row: dict[str, Any] = {"policy": name, "path": spec.path, "rm_score": mean, "rm_score_ci": [low, high]}
+        if spec.best_of:
+            row["best_of"] = spec.best_of
+        if held_out and not spec.best_of:
             stats, _ = answer_token_stats(policy, tokenizer, held_out, batch_size=settings.batch_size)
             row.update(perplexity=stats.perplexity, accuracy=stats.accuracy)
         with_reference = [(r, ref) for r, ref in zip(sampled.responses, references) if ref is not None]
         if with_reference:
             row["bleu"] = corpus_bleu([r for r, _ in with_reference], [ref for _, ref in with_reference])
-        if reference is not None:
+        if reference is not None and spec.best_of:
+            same_model = Path(spec.path).resolve() == Path(settings.reference).resolve()
+            row.update(kl=best_of_n_kl(spec.best_of) if same_model else None, kl_analytic=True)
+        elif reference is not None:
             row["kl"] = sampled.mean("kl")
         if judge is not None:
             row["judge"] = sampled.mean("judge_scores")
@@ -198,6 +248,7 @@ def table_cells(result: dict) -> tuple[list[str], list[list[str]]]:
                 cells.append("-")
             else:
                 cells.append(fmt.format(*value) if isinstance(value, list) else fmt.format(value))
+                cells[-1] += ANALYTIC_MARK if row.get(f"{key}_analytic") else ""
         rows.append(cells)
     return headings, rows
 
@@ -241,6 +292,7 @@ def samples_markdown(result: dict, shown: int = SAMPLES_SHOWN) -> str:
 
 def legend_text(result: dict) -> str:
     settings = result["settings"]
+    best_of = [row for row in result["policies"] if row.get("best_of")]
     return (
         f"{result['prompts']} held-out prompts from `{settings['prompts']}`, one response each per policy "
         f"(temperature {settings['temperature']}, at most {settings['max_new_tokens']} tokens, seed {settings['seed']}; "
@@ -252,6 +304,21 @@ def legend_text(result: dict) -> str:
         f"{result['perplexity_answers']} held-out reference answers. BLEU: sacrebleu corpus BLEU against the "
         f"reference answers. Length in tokens; distinct-n: unique n-grams over all n-grams of the responses; "
         f"ended EOS: share of responses that stopped on their own."
+        + (best_of_legend(result) if best_of else "")
+    )
+
+
+def best_of_legend(result: dict) -> str:
+    """What the best-of-N rows' columns mean."""
+    return (
+        f" `X@best-of-N`: best-of-N sampling from X, N answers per prompt at the same temperature and length limit "
+        f"(each prompt's N candidates are rows of one batch, a batch holding batch_size // N prompts, seeded from "
+        f"seed {result['settings']['seed']} like every batch), the one the reward model scores highest kept (the first "
+        f"among ties). Its RM score and win rate are in-sample (the answer was chosen by that score); the gold judge "
+        f"is the honest measure. Its KL (marked `{ANALYTIC_MARK}`) is not sampled but analytic, log N - (N-1)/N, the KL "
+        f"of best-of-N to X (Stiennon et al. 2020; an upper bound, tight when X rarely repeats an answer, Beirami et "
+        f"al. 2024), shown only where X is the KL reference. It has no perplexity or next-token accuracy: best-of-N "
+        f"does not define next-token probabilities of its own, and X's are in X's row."
     )
 
 
@@ -287,13 +354,18 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
         axis.hist(values, bins=bins, histtype="step", linewidth=1.8, label=f"{name} (mean {sum(values) / len(values):.2f})")
     written = [_save(figure, axis, f"Reward-model scores on {result['prompts']} held-out prompts", score_label,
                      "responses", out_dir / "score_distribution.png")]  # fmt: skip
-    if all(samples["policy:" + name]["kl"] for name in names):
+    with_kl = [row for row in result["policies"] if row.get("kl") is not None]
+    if with_kl:
         figure, axis = plt.subplots(figsize=(7, 4))
-        for name in names:
-            kl = samples["policy:" + name]["kl"]
-            points = axis.scatter(kl, scores[name], s=10, alpha=0.4, label=name)
-            axis.scatter([sum(kl) / len(kl)], [sum(scores[name]) / len(kl)], s=160, marker="X",
-                         color=points.get_facecolor()[0], edgecolor="black", alpha=1.0)  # fmt: skip
+        for row in with_kl:
+            name, kl = row["policy"], samples["policy:" + row["policy"]]["kl"]
+            mean_score = sum(scores[name]) / len(scores[name])
+            if kl:
+                points = axis.scatter(kl, scores[name], s=10, alpha=0.4, label=name)
+                axis.scatter([sum(kl) / len(kl)], [mean_score], s=160, marker="X",
+                             color=points.get_facecolor()[0], edgecolor="black", alpha=1.0)  # fmt: skip
+            else:  # best-of-N: the analytic KL has no per-response values, only the mean
+                axis.scatter([row["kl"]], [mean_score], s=160, marker="X", edgecolor="black", label=f"{name} (analytic KL)")
         axis.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, logarithmic above
         written.append(_save(figure, axis, "KL to the reference policy against reward-model score (X: means)",
                              f"KL(policy || {result['settings']['reference']}) per response (nats, symlog scale)",

@@ -279,6 +279,9 @@ class PPOConfig(OptimizationConfig):
     """Score given (in normalised reward units) to a response that never emits the stop token."""
     reward_functions: list[str] = field(default_factory=list)
     """Extra 'module:function' rewards taking (prompts, responses) texts, added to the score."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's normalised score in the score. 0 trains on `reward_functions` alone (and the
+    missing-EOS penalty): the reward model then only initialises the value model and is logged as rm_score."""
     lora: LoraSettings | None = None
     """Train LoRA adapters on the policy; the reference is the policy with adapters disabled."""
     eval_prompts: str = ""
@@ -307,6 +310,9 @@ class PPOConfig(OptimizationConfig):
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")
         _check(self.clip_range > 0 and self.clip_range_value > 0, "clip_range and clip_range_value: must be positive")
         _check(bool(self.eval_prompts) or not self.judge, "judge: needs eval_prompts")
+        _check(self.reward_model_weight >= 0, f"reward_model_weight: must be >= 0, got {self.reward_model_weight}")
+        _check(self.reward_model_weight > 0 or bool(self.reward_functions),
+               "reward_model_weight: 0 leaves nothing to reward; add reward_functions")  # fmt: skip
 
 
 @dataclass
@@ -315,6 +321,10 @@ class ReportConfig:
     """Held-out prompts ('prompt' column); a 'reference' answer column adds BLEU and perplexity."""
     policies: list[str] = field(default_factory=lambda: ["sft", "ppo", "pretrain"])
     """Stages whose policies are compared, the first being the baseline of the win rates."""
+    best_of: list[int] = field(default_factory=lambda: [4, 16])
+    """Best-of-N baselines compared after those policies: for each N, `<first policy>@best-of-N` (N answers
+    per prompt from the first policy, the one the reward model scores highest kept; see `rlhf compare`).
+    Empty: none. Each costs N times the first policy's sampling."""
     reward: str = "reward"
     """Stage whose reward model scores the responses."""
     reference: str = "sft"
@@ -337,6 +347,9 @@ class ReportConfig:
         _check(len(self.policies) > 0, "policies: name at least one stage")
         for name in (*self.policies, self.reference):
             _check(name in ("pretrain", "sft", "ppo"), f"policies and reference: {name!r} is not a policy stage (pretrain, sft, ppo)")
+        for n in self.best_of:
+            _check(n >= 1, f"best_of: N must be a positive integer, got {n}")
+        _check(len(set(self.best_of)) == len(self.best_of), f"best_of: an N is listed twice in {self.best_of}")
         _check(self.samples >= 0 and self.batch_size > 0 and self.max_new_tokens > 0,
                "samples >= 0, batch_size > 0 and max_new_tokens > 0 required")  # fmt: skip
         _check(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")

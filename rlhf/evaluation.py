@@ -1,6 +1,7 @@
 """Evaluating a policy: its samples on held-out prompts (reward-model scores, judge scores, KL to a
-reference policy; every policy answers the same prompts with the same sampling seed), and how
-well it predicts held-out text and reference answers (perplexity, next-token accuracy)."""
+reference policy; every policy answers the same prompts with the same sampling seed), best-of-n
+sampling with a reward model, and how well a policy predicts held-out text and reference answers
+(perplexity, next-token accuracy)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,26 @@ class PolicySamples:
         return float(sum(values) / len(values)) if values else float("nan")
 
 
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base policy) in nats: log n - (n - 1) / n (Stiennon et al. 2020).
+
+    Beirami et al. (2024) show it is an upper bound on the true KL, tight when the base policy rarely
+    samples the same answer twice. n = 1 gives 0; n = 4 gives log 4 - 0.75 = 0.636.
+    """
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_candidates(scores: torch.Tensor, n: int) -> torch.LongTensor:
+    """Row indices (B,) of the highest score in each group of n adjacent candidates; the first among ties.
+
+    scores: (B * n,), the candidates of prompt i in rows i * n ... i * n + n - 1.
+    """
+    grouped = scores.view(-1, n)  # (B, n)
+    return torch.arange(grouped.shape[0], device=scores.device) * n + grouped.argmax(-1)  # argmax: first maximum
+
+
 @torch.no_grad()
 def sample_policy(
     policy,
@@ -47,24 +68,42 @@ def sample_policy(
     reference=None,
     judge: Callable | None = None,
     batch_size: int = 64,
+    best_of: int = 1,
 ) -> PolicySamples:
-    """Sample responses (seeded per batch) and measure them."""
+    """Sample one response per prompt (seeded per batch) and measure it.
+
+    best_of = n > 1 is best-of-n sampling: every prompt is answered n times, its n candidates being
+    adjacent rows of one batch (so a batch holds batch_size // n prompts, at least one, and is seeded
+    like any other), and the candidate the reward model scores highest is kept, the first among ties.
+    With n = 1 this is plain sampling. Best-of-n needs `reward_model` and takes no `reference`: the
+    sampled log-ratio of the kept answers would measure the base policy, not best-of-n (its KL is
+    `best_of_n_kl`).
+    """
     from rlhf.ppo import normalised_scores, response_logprobs
 
+    if best_of < 1:
+        raise ValueError(f"best_of must be >= 1, got {best_of}")
+    if best_of > 1 and (reward_model is None or reference is not None):
+        raise ValueError("best-of-n sampling needs a reward model and takes no reference (its KL is analytic)")
     device = next(policy.parameters()).device
     encoded = encode_prompts(tokenizer, prompts)
     limit = policy.config.n_positions - max_new_tokens
+    per_batch = max(1, batch_size // best_of)
     result = PolicySamples(prompts=list(prompts), responses=[])
-    for number, start in enumerate(range(0, len(encoded), batch_size)):
+    for number, start in enumerate(range(0, len(encoded), per_batch)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
-        ids, mask = left_pad([e[-limit:] for e in encoded[start : start + batch_size]], tokenizer.pad_token_id, device)
+        rows = [e[-limit:] for e in encoded[start : start + per_batch] for _ in range(best_of)]
+        ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
         sample = generate(policy, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                           temperature=temperature, generator=generator)  # fmt: skip
+        if reward_model is not None:
+            scores = normalised_scores(reward_model, sample.sequences, sample.attention_mask)  # (B * best_of,)
+            kept = best_candidates(scores, best_of)  # (B,); every row when best_of is 1
+            sample, scores = sample.select(kept), scores[kept]
+            result.rm_scores += scores.tolist()
         result.responses += decode_responses(tokenizer, sample.responses, sample.response_mask)
         result.lengths += sample.response_mask.sum(-1).tolist()
         result.stopped += sample.stopped.tolist()
-        if reward_model is not None:
-            result.rm_scores += normalised_scores(reward_model, sample.sequences, sample.attention_mask).tolist()
         if reference is not None:
             ref_logprobs, _ = response_logprobs(reference, sample.sequences, sample.attention_mask, sample.prompt_length, temperature)
             result.kl += ((kl_k1(sample.logprobs, ref_logprobs)) * sample.response_mask).sum(-1).tolist()

@@ -71,6 +71,11 @@ class GenerationResult:
         """(B, N') the generated tokens, pad after stop."""
         return self.sequences[:, self.prompt_length :]
 
+    def select(self, rows: torch.LongTensor) -> "GenerationResult":
+        """The result for the rows `rows` (K,) of the batch, in that order."""
+        return GenerationResult(self.sequences[rows], self.attention_mask[rows], self.response_mask[rows],
+                                self.logprobs[rows], self.stopped[rows], self.prompt_length)  # fmt: skip
+
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Logits (B, V) with all but the k largest per row set to -inf."""

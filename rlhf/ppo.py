@@ -133,7 +133,7 @@ def make_rollout(
     # 2. Score: normalised reward model, penalty for a missing stop token, programmatic rewards.
     clock = time.perf_counter()
     rm_scores = normalised_scores(models.reward, sequences, attention)
-    scores = torch.where(sample.stopped, rm_scores, torch.full_like(rm_scores, config.missing_eos_penalty))
+    scores = torch.where(sample.stopped, config.reward_model_weight * rm_scores, torch.full_like(rm_scores, config.missing_eos_penalty))
     responses = decode_responses(tokenizer, sample.responses, response_mask) if reward_functions or judge else []
     if reward_functions:
         for function in reward_functions:

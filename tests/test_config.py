@@ -253,6 +253,32 @@ def test_invalid_value_names_file_stage_and_field(tmp_path, old, new, words) -> 
         assert word in message, f"{word!r} not in {message!r}"
 
 
+def test_report_best_of_defaults_to_4_and_16_and_takes_positive_distinct_integers(tmp_path) -> None:
+    report = MINIMAL + "  report: {eval_prompts: eval.jsonl}\n"
+    assert load_pipeline(write(tmp_path, report)).stages["report"].best_of == [4, 16]
+    none = report.replace("eval.jsonl}", "eval.jsonl, best_of: []}")
+    assert load_pipeline(write(tmp_path, none)).stages["report"].best_of == []
+    for value, words in [("[0]", ["best_of", "positive integer", "0"]), ("[4, -2]", ["best_of", "-2"]),
+                         ("[4, 4]", ["best_of", "twice"]), ("[2.5]", ["stages.report.best_of[0]", "expected an integer"]),
+                         ("16", ["stages.report.best_of", "expected a list"])]:  # fmt: skip
+        path = write(tmp_path, report.replace("eval.jsonl}", f"eval.jsonl, best_of: {value}}}"))
+        message = config_error(path)
+        assert str(path) in message and "stages.report" in message
+        for word in words:
+            assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_ppo_reward_model_weight(tmp_path) -> None:
+    ppo = MINIMAL + "  ppo: {prompts: p.jsonl}\n"
+    assert load_pipeline(write(tmp_path, ppo)).stages["ppo"].reward_model_weight == 1.0
+    gold = ppo.replace("p.jsonl}", "p.jsonl, reward_model_weight: 0, reward_functions: [rlhf.demo_task:gold_judge]}")
+    assert load_pipeline(write(tmp_path, gold)).stages["ppo"].reward_model_weight == 0.0
+    message = config_error(write(tmp_path, ppo.replace("p.jsonl}", "p.jsonl, reward_model_weight: 0}")))
+    assert "stages.ppo" in message and "reward_model_weight" in message and "reward_functions" in message
+    message = config_error(write(tmp_path, ppo.replace("p.jsonl}", "p.jsonl, reward_model_weight: -1}")))
+    assert "reward_model_weight: must be >= 0" in message
+
+
 def test_stage_without_required_data(tmp_path) -> None:
     message = config_error(write(tmp_path, "stages:\n  sft:\n"))
     assert "stages.sft" in message and "data" in message

@@ -126,3 +126,15 @@ def test_demo_no_kl_is_the_demo_without_kl() -> None:
         assert no_kl.stages[name] == demo.stages[name], f"stage {name} is the demo's"
     changed = {f.name for f in dataclasses.fields(ppo) if getattr(ppo, f.name) != getattr(demo.stages["ppo"], f.name)}
     assert changed == {"kl_coef", "kl_target"}, "only the KL settings differ from the demo's PPO stage"
+
+
+def test_demo_gold_reward_is_the_demo_rewarded_by_the_gold_judge_alone() -> None:
+    demo, gold = load_pipeline(ROOT / "pipelines" / "demo.yaml"), load_pipeline(ROOT / "pipelines" / "demo_gold_reward.yaml")
+    assert gold.run_dir == "runs/demo_gold_reward" and gold.seed == demo.seed
+    assert list(gold.stages) == list(demo.stages)
+    ppo = gold.stages["ppo"]
+    assert ppo.reward_model_weight == 0.0 and ppo.reward_functions == ["rlhf.demo_task:gold_judge"]
+    for name in ("tokenizer", "pretrain", "sft", "reward", "report"):
+        assert gold.stages[name] == demo.stages[name], f"stage {name} is the demo's"
+    changed = {f.name for f in dataclasses.fields(ppo) if getattr(ppo, f.name) != getattr(demo.stages["ppo"], f.name)}
+    assert changed == {"reward_model_weight", "reward_functions"}, "only PPO's reward differs from the demo's"

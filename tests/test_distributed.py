@@ -363,5 +363,6 @@ def test_the_demo_pipeline_runs_on_two_processes(tmp_path) -> None:
     assert all(math.isfinite(row["score"]) and row["kl"] >= -0.1 for row in rows)
     assert [row["step"] for row in read_metrics(run_dir / "pretrain") if "loss" in row] == [2, 4, 6, 8]
     report = json.loads((run_dir / "report" / "compare.json").read_text(encoding="utf-8"))
-    assert report["prompts"] == 32 and [row["policy"] for row in report["policies"]] == ["sft", "ppo", "pretrain"]
+    assert report["prompts"] == 32
+    assert [row["policy"] for row in report["policies"]] == ["sft", "ppo", "pretrain", "sft@best-of-4", "sft@best-of-16"]
     assert (run_dir / "report.md").is_file()

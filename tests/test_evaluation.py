@@ -1,5 +1,7 @@
 """rlhf.evaluation: perplexity and next-token accuracy of reference answers equal TRL SFTTrainer's
-own held-out loss and mean_token_accuracy on the same rows; text perplexity equals the model's loss."""
+own held-out loss and mean_token_accuracy on the same rows; text perplexity equals the model's loss.
+Best-of-n sampling: its analytic KL by hand, n = 1 is plain sampling, and it keeps the candidate the
+reward model scores highest (the first among ties), checked on the tiny pipeline's SFT and reward models."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import pytest
 import torch
 
 from conftest import make_config, randomize_
-from rlhf.evaluation import answer_token_stats, text_token_stats
+from rlhf.evaluation import answer_token_stats, best_candidates, best_of_n_kl, sample_policy, text_token_stats
 from rlhf.model import RlhfForCausalLM
+
+pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")  # the tiny pipeline's PPO
 
 CORPUS = ["where is the cat? on the mat. what did the dog eat? the bone. say hi. hi there."] * 5
 QA = [("where is the cat?", "on the mat."), ("what did the dog eat?", "the bone."), ("say hi.", "hi there."),
@@ -75,3 +79,82 @@ def test_text_stats_equal_the_models_own_loss(tok, model) -> None:
         loss = model(input_ids=ids, labels=ids).loss
     assert stats.tokens == ids.shape[1] - 1
     assert math.log(stats.perplexity) == pytest.approx(loss.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- best-of-n
+
+
+def test_best_of_n_kl_by_hand() -> None:
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)  # 0.1931
+    assert best_of_n_kl(4) == pytest.approx(1.3862944 - 0.75)  # log 4 - 3/4 = 0.6363
+    assert best_of_n_kl(16) == pytest.approx(2.7725887 - 0.9375)  # log 16 - 15/16 = 1.8351
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+def test_best_candidates_takes_each_groups_maximum_and_the_first_among_ties() -> None:
+    scores = torch.tensor([0.1, 0.5, 0.2,  # prompt 0: candidate 1
+                           -1.0, -3.0, -2.0,  # prompt 1: candidate 0
+                           0.7, 0.9, 0.9])  # prompt 2: candidates 1 and 2 tie, the first is kept  # fmt: skip
+    assert best_candidates(scores, 3).tolist() == [1, 3, 7]
+    assert best_candidates(scores, 1).tolist() == list(range(9)), "best-of-1 keeps every row"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_rlhf):
+    """(SFT policy, reward model, tokenizer, 8 held-out prompts) of the session's tiny pipeline."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.data import read_rows
+    from rlhf.evaluation import load_policy
+
+    policy, tokenizer = load_policy(tiny_rlhf.run_dir / "sft", device="cpu")
+    reward = AutoModelForSequenceClassification.from_pretrained(tiny_rlhf.run_dir / "reward").eval()
+    prompts = [row["prompt"] for row in read_rows(tiny_rlhf.folder / "eval.jsonl")]
+    return policy, tokenizer, reward, prompts
+
+
+def test_best_of_1_is_plain_sampling_with_the_same_seeds(tiny_models) -> None:
+    policy, tokenizer, reward, prompts = tiny_models
+    plain = sample_policy(policy, tokenizer, prompts, 8, seed=3, reward_model=reward, batch_size=4)
+    best = sample_policy(policy, tokenizer, prompts, 8, seed=3, reward_model=reward, batch_size=4, best_of=1)
+    assert best == plain
+    other_seed = sample_policy(policy, tokenizer, prompts, 8, seed=4, reward_model=reward, batch_size=4, best_of=1)
+    assert other_seed.responses != plain.responses, "the seed matters: the equality above is not vacuous"
+
+
+def test_best_of_n_keeps_the_candidate_the_reward_model_scores_highest(tiny_models, monkeypatch) -> None:
+    import rlhf.evaluation as evaluation
+    from rlhf.ppo import normalised_scores
+    from rlhf.responses import decode_responses
+
+    policy, tokenizer, reward, prompts = tiny_models
+    n, batches = 4, []
+    real = evaluation.generate
+
+    def recording(*args, **kwargs):
+        batches.append(real(*args, **kwargs))
+        return batches[-1]
+
+    monkeypatch.setattr(evaluation, "generate", recording)
+    best = sample_policy(policy, tokenizer, prompts, 8, seed=0, reward_model=reward, batch_size=8, best_of=n)
+    assert len(best.responses) == len(best.rm_scores) == len(prompts)
+    assert [len(b.stopped) for b in batches] == [8] * (len(prompts) * n // 8), "batches of batch_size rows: 2 prompts x 4"
+    # Score every candidate on its own (a batch of one, no padding) and find each prompt's best.
+    candidates, scores = [], []
+    for batch in batches:
+        texts = decode_responses(tokenizer, batch.responses, batch.response_mask)
+        for row, text in enumerate(texts):
+            real_tokens = batch.attention_mask[row].bool()
+            sequence = batch.sequences[row][real_tokens][None]
+            candidates.append(text)
+            scores.append(normalised_scores(reward, sequence, torch.ones_like(sequence)).item())
+    chosen = []
+    for prompt in range(len(prompts)):
+        mine = scores[prompt * n : (prompt + 1) * n]
+        top = max(mine)
+        chosen.append(min(j for j in range(n) if mine[j] >= top - 1e-5))
+        assert best.responses[prompt] == candidates[prompt * n + chosen[-1]]
+        assert best.rm_scores[prompt] == pytest.approx(top, abs=1e-5)
+    assert any(chosen), f"some prompt's best is not its first candidate (chosen: {chosen}): the choice is not vacuous"

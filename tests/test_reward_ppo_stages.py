@@ -1,7 +1,8 @@
 """The reward and PPO stages end to end on the CPU, in a tiny pipeline (tokenizer -> pretrain -> sft
 -> reward -> ppo): the reward model's held-out accuracy and stored normalisation, PPO's logged
-columns and saved models, resuming PPO from its checkpoint along the same curve, and the KL
-controller (fixed 0 as in demo_no_kl, adaptive toward a target).
+columns and saved models, resuming PPO from its checkpoint along the same curve, the KL
+controller (fixed 0 as in demo_no_kl, adaptive toward a target), and a score from the reward
+functions alone (reward_model_weight 0, as in demo_gold_reward).
 
 One run is shared by the session (`tiny_rlhf` in conftest); tests that change a run work on a copy
 of its directory.
@@ -291,6 +292,51 @@ def test_adaptive_kl_moves_beta_toward_target(base, tmp_path, capsys) -> None:
         expected.append(expected[-1] * (1.0 + error * ROLLOUT / horizon))
     assert betas == pytest.approx(expected[:-1], rel=1e-9)
     assert read_manifest(run_dir / "ppo")["metrics"]["beta"] == pytest.approx(expected[-1], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- the score
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5, 0.0])
+def test_score_is_the_weighted_reward_model_plus_the_reward_functions(base, monkeypatch, weight) -> None:
+    """make_rollout's score on stopped responses: reward_model_weight x the normalised reward-model score + each
+    reward function (weight 0, as in demo_gold_reward: the functions alone, the reward model only logged)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import rlhf.ppo
+    from rlhf.config import PPOConfig
+    from rlhf.ppo import PPOModels, make_rollout, normalised_scores
+    from rlhf.responses import encode_prompts
+
+    real = rlhf.ppo.generate
+
+    def stopping(*args, **kwargs):  # tiny policies rarely stop in 8 tokens; the reward model counts only where they do
+        sample = real(*args, **kwargs)
+        sample.stopped = torch.ones_like(sample.stopped)
+        return sample
+
+    monkeypatch.setattr(rlhf.ppo, "generate", stopping)
+    sft, reward_dir = base.run_dir / "sft", base.run_dir / "reward"
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    reward = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    models = PPOModels(policy=AutoModelForCausalLM.from_pretrained(sft).eval(), value=reward, reward=reward,
+                       reference=AutoModelForCausalLM.from_pretrained(sft).eval(), tokenizer=tokenizer)  # fmt: skip
+    texts = ["What is 2 + 3?", "List 2 fruits.", "What is 7 - 4?", "List 3 colours."]
+    given = []
+
+    def words(prompts, responses):  # a programmatic reward that differs between responses
+        given.append([i / 10 + len(r) / 100 for i, r in enumerate(responses)])
+        return given[-1]
+
+    config = PPOConfig(prompts="unused", max_new_tokens=8, reward_model_weight=weight, reward_functions=["tests:words"])
+    rollout, stats = make_rollout(models, encode_prompts(tokenizer, texts), texts, config, beta=0.0,
+                                  generator=torch.Generator().manual_seed(0), reward_functions=[words])  # fmt: skip
+    with torch.no_grad():
+        rm = normalised_scores(reward, rollout.query_responses, rollout.attention_mask)
+    assert rm.abs().min() > 1e-3 and len(set(given[0])) > 1, "both terms are visible"
+    assert rollout.scores.tolist() == pytest.approx((weight * rm + torch.tensor(given[0])).tolist(), abs=1e-5)
+    assert stats["rm_score"] == pytest.approx(rm.mean().item(), abs=1e-5), "the reward model is logged at any weight"
 
 
 def test_lora_policy_uses_the_adapter_free_model_as_reference(base, tmp_path, capsys) -> None:

@@ -1,9 +1,10 @@
 """Stage `report`: the one page to open after `rlhf run`.
 
-Compares the run's policies (by default SFT, PPO and the pretrained model) on held-out prompts
-exactly as `rlhf compare` does, with the same seed, draws every stage's training curves, and
-writes `<run_dir>/report.md` (figures and samples in `<run_dir>/report/`). The page names the
-`rlhf compare` command that reproduces its table.
+Compares the run's policies (by default SFT, PPO and the pretrained model, then best-of-4 and
+best-of-16 sampling from SFT with the reward model) on held-out prompts exactly as `rlhf compare`
+does, with the same seed, draws every stage's training curves, and writes `<run_dir>/report.md`
+(figures and samples in `<run_dir>/report/`). The page names the `rlhf compare` command that
+reproduces its table.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def headline(result: dict) -> str:
     for row in result["policies"][1:]:
         verdict = "significant at 0.05" if row["sign_test_p"] < 0.05 else "not significant at 0.05"
         judge = f"; gold judge {row['judge']:.3f} against {result['policies'][0]['judge']:.3f}" if "judge" in row else ""
+        picked = " that picked its answers" if row.get("best_of") else ""  # best-of-n: an in-sample win rate
         lines.append(
-            f"- **{row['policy']}** against **{result['baseline']}**: win rate {row['win_rate']:.3f} by the reward model "
+            f"- **{row['policy']}** against **{result['baseline']}**: win rate {row['win_rate']:.3f} by the reward model{picked} "
             f"({row['wins']} wins, {row['losses']} losses, {row['ties']} ties; sign test p = {row['sign_test_p']:.2g}, "
             f"{verdict}){judge}."
         )
@@ -95,8 +97,9 @@ def run(ctx: StageContext) -> dict:
     config: ReportConfig = ctx.config
     run_dir = ctx.run_dir
 
-    # 1. Check the upstream stages, then compare their policies as `rlhf compare` would.
+    # 1. Check the upstream stages, then compare their policies and best-of-N from the first, as `rlhf compare` would.
     policies = [str(ctx.upstream(stage)) for stage in config.policies]
+    policies += [f"{policies[0]}@best-of-{n}" for n in config.best_of]
     for stage in (config.reference, config.reward):
         ctx.upstream(stage)
     settings = settings_for(config, run_dir, ctx.seed)
