@@ -258,7 +258,8 @@ class PPOConfig(OptimizationConfig):
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty (initial value when adaptive)."""
     kl_estimator: str = "k1"
-    """'k1' (log-ratio, unbiased) or 'k3' (Schulman's non-negative estimator)."""
+    """Per-token KL estimate penalised in the reward: 'k1' (log-ratio), the only one whose gradient as a
+    detached reward is the KL's ('k3' is not: E[k3 * grad log pi] != grad KL, so it is refused)."""
     kl_target: float = 0.0
     """If > 0, beta adapts toward this mean KL per sequence over kl_horizon episodes (Ziegler et al.)."""
     kl_horizon: int = 10000
@@ -301,7 +302,9 @@ class PPOConfig(OptimizationConfig):
         _check(self.value_lr >= 0, f"value_lr: must be >= 0, got {self.value_lr}")
         _check(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
         _check(self.kl_coef >= 0, f"kl_coef: must be >= 0, got {self.kl_coef}")
-        _check(self.kl_estimator in ("k1", "k3"), f"kl_estimator: must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        _check(self.kl_estimator != "k3", "kl_estimator: 'k3' as a per-token reward gives a biased KL gradient "
+                                          "(E[k3 * grad log pi] != grad KL); use 'k1', whose gradient is exact")
+        _check(self.kl_estimator == "k1", f"kl_estimator: must be 'k1', got {self.kl_estimator!r}")
         _check(self.kl_target >= 0 and self.kl_horizon > 0, "kl_target must be >= 0 and kl_horizon positive")
         _check(self.kl_target == 0 or self.kl_coef > 0, "kl_target: an adaptive beta needs a positive kl_coef to start from")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")

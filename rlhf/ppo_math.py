@@ -100,13 +100,18 @@ def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """Per-token k3 estimate ``(r - 1) - log r``, ``r = q/p = exp(ref - logp)``. (B, T) -> (B, T).
 
-    Schulman's low-variance unbiased estimator of KL(p || q) under samples of p; always >= 0.
+    Schulman's low-variance unbiased estimator of the *value* of KL(p || q) under samples of p;
+    always >= 0. For logging or a differentiated loss term only: as a detached per-token reward
+    (the KL penalty's path) its score-function gradient ``E_p[k3 * grad log p]`` is not
+    ``grad KL``, so it is not in ``KL_ESTIMATORS``.
     """
     log_r = ref_logprobs - logprobs
     return torch.expm1(log_r) - log_r
 
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k3": kl_k3}
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1}
+"""Per-token KL estimates usable as the detached reward penalty ``-beta * kl``: only k1, whose
+score-function gradient ``E_p[k1 * grad log p]`` is exactly ``grad KL(p || q)``."""
 
 
 def _last_index(mask: Tensor) -> tuple[Tensor, Tensor]:
