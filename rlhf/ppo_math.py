@@ -239,7 +239,10 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019): steers the observed KL towards ``target``.
 
-    ``value`` is the current beta; ``horizon`` is in samples (episodes), as is ``n_steps``.
+    ``value`` is the current beta; ``horizon`` is in samples (episodes), as is ``n_steps``. The
+    proportional error is clipped to +-0.2, so one update multiplies beta by at most
+    ``1 +- 0.2 * n_steps / horizon`` and k updates by at most ``(1 +- 0.2 * n_steps / horizon)^k``:
+    a horizon much longer than the run's episodes leaves beta where it started.
     """
 
     value: float

@@ -292,6 +292,24 @@ def test_adaptive_kl_controller_by_hand():
     assert restored == ctl
 
 
+def test_adaptive_kl_controller_steers_at_the_demo_settings():
+    """Over the shipped demo's PPO run (pipelines/demo.yaml, one process), a KL held at 0.3 x target
+    must lower beta by at least a factor 2, and one at 3 x target raise it by 2: a horizon far longer
+    than the run's episodes (10000 for 60 x 64) left beta within 8% of kl_coef."""
+    from pathlib import Path
+
+    from rlhf.config import load_pipeline
+
+    demo = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml").stages["ppo"]
+    assert demo.kl_target > 0, "the demo's beta is adaptive"
+    for ratio, bound in ((0.3, 0.5), (3.0, 2.0)):
+        ctl = AdaptiveKLController(value=demo.kl_coef, target=demo.kl_target, horizon=demo.kl_horizon)
+        for _ in range(demo.steps):
+            ctl.update(ratio * demo.kl_target, n_steps=demo.rollout_batch_size)
+        factor = ctl.value / demo.kl_coef
+        assert (factor <= bound) if ratio < 1 else (factor >= bound), f"KL at {ratio} x target: beta x {factor:.3f}"
+
+
 def test_fixed_kl_controller_never_changes():
     ctl = FixedKLController(value=0.05)
     for kl in (0.0, 100.0, -3.0):
