@@ -71,10 +71,15 @@ def reference_context(models: PPOModels):
 
 
 def response_logprobs(model, sequences, attention_mask, prompt_length: int, temperature: float):
-    """(log-probs (B, T), entropy (B, T)) of the response tokens under temperature-scaled logits."""
+    """(log-probs (B, T), entropy (B, T)) of the response tokens under temperature-scaled logits.
+
+    The entropy is only logged: it is computed without gradient (no graph through its (B, T, V) terms).
+    """
     logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, prompt_length - 1 : -1]  # (B, T, V)
     logits = logits.float() / temperature
-    return logprobs_from_logits(logits, sequences[:, prompt_length:]), entropy_from_logits(logits)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits.detach())
+    return logprobs_from_logits(logits, sequences[:, prompt_length:]), entropy
 
 
 def response_values(value_model, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
