@@ -257,6 +257,36 @@ def test_resumed_manifest_keeps_the_sft_baseline(base, resumed) -> None:
     assert {key: again.get(key) for key in baseline} == pytest.approx({key: original[key] for key in baseline}, abs=METRIC_ATOL)
 
 
+def reference_prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) -> list[int]:
+    """The stream as first written (one permutation rebuilt per position): resumed runs depend on it."""
+    indices = []
+    for position in range(chunk * batch, (chunk + 1) * batch):
+        epoch, offset = divmod(position, n_prompts)
+        permutation = list(range(n_prompts))
+        random.Random(seed * 7919 + epoch).shuffle(permutation)
+        indices.append(permutation[offset])
+    return indices
+
+
+def test_prompt_order_is_unchanged_and_shuffles_each_pass_once_per_call(monkeypatch) -> None:
+    import rlhf.stages.ppo as stage
+
+    for n, chunk, batch, seed in ((13, 0, 4, 3), (13, 3, 4, 3), (5, 2, 12, 0), (7, 11, 7, 9), (100, 1, 64, 1)):
+        assert stage.prompt_order(n, chunk, batch, seed) == reference_prompt_order(n, chunk, batch, seed)
+    shuffles = []
+
+    class CountingRandom(random.Random):
+        def shuffle(self, x):
+            shuffles.append(len(x))
+            return super().shuffle(x)
+
+    monkeypatch.setattr(stage.random, "Random", CountingRandom)
+    order = stage.prompt_order(100_000, 3, 64, 0)  # one pass: one shuffle, not one per batch position
+    assert len(order) == 64 and shuffles == [100_000]
+    shuffles.clear()
+    assert len(stage.prompt_order(10, 1, 12, 0)) == 12 and shuffles == [10, 10], "positions 12-23: passes 1 and 2"
+
+
 # ----------------------------------------------------------------------------- KL controller
 
 

@@ -73,12 +73,14 @@ def read_inputs(config: PPOConfig) -> PPOInputs:
 def prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) -> list[int]:
     """Indices of the `chunk`-th `batch` prompts of an endless stream, reshuffled every pass. Iteration
     `step` of process `rank` out of `world` takes chunk `step * world + rank`."""
+    permutations: dict[int, list[int]] = {}  # each pass's order, shuffled once per call (a batch spans one or two)
     indices = []
     for position in range(chunk * batch, (chunk + 1) * batch):
         epoch, offset = divmod(position, n_prompts)
-        permutation = list(range(n_prompts))
-        random.Random(seed * 7919 + epoch).shuffle(permutation)
-        indices.append(permutation[offset])
+        if epoch not in permutations:
+            permutations[epoch] = list(range(n_prompts))
+            random.Random(seed * 7919 + epoch).shuffle(permutations[epoch])
+        indices.append(permutations[epoch][offset])
     return indices
 
 
