@@ -342,9 +342,12 @@ class RlhfForSequenceClassification(RlhfPreTrainedModel):
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout of `model` (embeddings, attention, residuals) to `p`; 0 turns it off."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
+    """Set the model's own dropout (embeddings, attention, residuals) to `p`; 0 turns it off.
+
+    PEFT adapters' dropout (`lora_dropout`, configured with the adapters) is left as it is.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" not in name.split("."):
             module.p = p
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "dropout"):

@@ -207,6 +207,19 @@ def test_set_dropout() -> None:
     torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
+def test_set_dropout_leaves_lora_dropout_alone() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(RlhfForCausalLM(make_config(dropout=0.1)),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.3, target_modules=["c_attn", "c_fc"]))  # fmt: skip
+    set_dropout(model, 0.0)
+    lora = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in name}
+    own = [m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and ".lora_dropout." not in name]
+    assert len(lora) == 2 * model.config.n_layer and set(lora.values()) == {0.3}, "the adapters' dropout is as configured"
+    assert own and set(own) == {0.0}
+
+
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}], ids=["default", "reentrant"])
 def test_gradient_checkpointing_matches(kwargs, tiny_config) -> None:
     torch.manual_seed(0)
