@@ -2,8 +2,8 @@
 
 The maths lives in `rlhf.ppo_math` (pure functions); this module wires it to models:
 `make_rollout` samples responses with our KV-cache engine and turns them into a `Rollout`
-(reference log-probs, normalised reward-model scores, values, KL-penalised rewards, whitened GAE
-advantages); `ppo_update` runs the clipped policy and value losses over reshuffled minibatches.
+(policy and reference log-probs recomputed by the update's own forward, normalised reward-model
+scores, values, KL-penalised rewards, whitened GAE advantages); `ppo_update` runs the clipped policy and value losses over reshuffled minibatches.
 
 Conventions: the policy's log-probabilities are those of the temperature-scaled logits it sampled
 from; `logits[:, P - 1 : -1]` predict the response tokens `sequences[:, P:]` (P = prompt width);
@@ -126,7 +126,7 @@ def make_rollout(
     policy = unwrapped(models.policy)  # generation steps differ between processes: no DDP collectives here
     clock = time.perf_counter()
 
-    # 1. Sample responses; the engine returns the sampling log-probabilities.
+    # 1. Sample responses (the engine's own log-probabilities serve sampling only).
     ids, mask = left_pad(prompt_tokens, tokenizer.pad_token_id, device)
     sample = generate(
         policy, ids, mask, config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
@@ -144,14 +144,16 @@ def make_rollout(
         for function in reward_functions:
             scores = scores + torch.tensor(function(prompt_texts, responses), dtype=scores.dtype, device=device)
 
-    # 3. Reference log-probabilities and values.
+    # 3. Policy and reference log-probabilities by the forward the update uses (the engine's KV-cache
+    #    path rounds differently: the first ratio would not be 1, nor the KL of an unchanged policy 0), and values.
+    logprobs, _ = response_logprobs(policy, sequences, attention, P, config.temperature)
     with reference_context(models) as reference:
         ref_logprobs, _ = response_logprobs(reference, sequences, attention, P, config.temperature)
     values = response_values(unwrapped(models.value), sequences, attention, P)
     scoring_seconds = time.perf_counter() - clock
 
     # 4. Per-token KL penalty, the score at the last token, then GAE advantages whitened over every process's batch.
-    kl = KL_ESTIMATORS[config.kl_estimator](sample.logprobs, ref_logprobs)
+    kl = KL_ESTIMATORS[config.kl_estimator](logprobs, ref_logprobs)
     rewards, non_score = kl_penalised_rewards(scores, kl, response_mask, beta)
     if config.whiten_rewards:
         rewards = whiten_across_processes(rewards, response_mask, shift_mean=False)
@@ -160,7 +162,7 @@ def make_rollout(
 
     rollout = Rollout(
         query_responses=sequences, attention_mask=attention, response_mask=response_mask,
-        logprobs=sample.logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
+        logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
         rewards=rewards, advantages=advantages, returns=returns, prompt_length=P,
     )  # fmt: skip
     kl_per_sequence = (kl * response_mask).sum(-1)

@@ -291,7 +291,8 @@ class Rollout:
     response_mask: Tensor
     """(B, T) bool: True on real response tokens including the EOS, False after the stop."""
     logprobs: Tensor
-    """(B, T): policy log-probs of the response tokens at sampling, temperature-scaled."""
+    """(B, T): policy log-probs of the response tokens at sampling time, temperature-scaled, from the
+    same forward the update computes them with (so the first ratio is 1)."""
     ref_logprobs: Tensor
     """(B, T): reference (SFT) model log-probs of the same tokens, same temperature."""
     values: Tensor

@@ -26,3 +26,85 @@ def test_entropy_is_computed_without_gradient(tiny_lm) -> None:
     assert logprobs.shape == entropy.shape == (3, N)
     assert logprobs.requires_grad, "the policy loss differentiates the log-probabilities"
     assert not entropy.requires_grad, "the entropy is only logged"
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def tiny_models(seed: int = 0):
+    """PPOModels of tiny randomised float32 models: the policy, an identical reference, a reward
+    model and a value model; a stand-in tokenizer (pad 0, EOS 1)."""
+    import copy
+    from types import SimpleNamespace
+
+    from conftest import make_config, randomize_
+    from rlhf.model import RlhfForCausalLM, RlhfForSequenceClassification
+    from rlhf.ppo import PPOModels
+
+    torch.manual_seed(seed)
+    config = make_config(pad_token_id=0, eos_token_id=1)
+    policy = randomize_(RlhfForCausalLM(config), seed=seed).eval()
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    reward = randomize_(RlhfForSequenceClassification(config), seed=seed + 1).eval().requires_grad_(False)
+    value = randomize_(RlhfForSequenceClassification(config), seed=seed + 2).eval()
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    return PPOModels(policy=policy, value=value, reward=reward, reference=reference, tokenizer=tokenizer)
+
+
+def ppo_config(**changes):
+    from rlhf.config import PPOConfig
+
+    settings = dict(prompts="prompts.jsonl", rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=N,
+                    temperature=0.7, lr=1e-3)  # fmt: skip
+    return PPOConfig(**{**settings, **changes})
+
+
+def prompts(count: int = 8, seed: int = 0) -> list[list[int]]:
+    """Prompts of 2 to 5 tokens (ids 2 and above: no pad, no EOS)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, P + 1, (count,), generator=generator).tolist()
+    return [torch.randint(2, 96, (n,), generator=generator).tolist() for n in lengths]
+
+
+def rollout_of(models, config, seed: int = 0):
+    from rlhf.ppo import make_rollout
+
+    tokens = prompts(config.rollout_batch_size, seed)
+    generator = torch.Generator().manual_seed(seed)
+    return make_rollout(models, tokens, [""] * len(tokens), config, beta=0.1, generator=generator)
+
+
+def accelerator_on_cpu():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=True)
+
+
+def test_old_logprobs_are_the_training_forwards(monkeypatch) -> None:
+    """The rollout's log-probabilities are recomputed by the forward the update uses (not taken
+    from the KV-cache sampling engine): with the policy equal to the reference the per-token KL is
+    0, and the first minibatch's importance ratio is 1, on every response token."""
+    import rlhf.ppo
+    from rlhf.ppo import ppo_update
+
+    models, config = tiny_models(), ppo_config()
+    rollout, stats = rollout_of(models, config)
+    mask = rollout.response_mask
+    assert mask.sum() > 2 * len(rollout), "responses worth comparing"
+    kl = torch.where(mask, rollout.logprobs - rollout.ref_logprobs, 0.0)
+    assert kl.abs().max() <= 1e-6 and abs(stats["kl"]) <= 1e-6
+
+    ratios = []
+    real = rlhf.ppo.policy_loss_clipped
+
+    def recording(logprobs, old_logprobs, advantages, response_mask, clip_range):
+        ratios.append(torch.where(response_mask, (logprobs - old_logprobs).exp(), 1.0).detach())
+        return real(logprobs, old_logprobs, advantages, response_mask, clip_range)
+
+    monkeypatch.setattr(rlhf.ppo, "policy_loss_clipped", recording)
+    optimizer = torch.optim.SGD(list(models.policy.parameters()) + list(models.value.parameters()), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ppo_update(models, rollout, config, accelerator_on_cpu(), optimizer, scheduler, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ratios[0], torch.ones_like(ratios[0]), atol=1e-6, rtol=0)
