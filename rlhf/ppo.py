@@ -13,6 +13,7 @@ values are read at the same positions (the state before each response token).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -188,7 +189,8 @@ def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimiz
     `optimizer` holds both models' parameters (a group each). Under DDP the gradients are averaged
     over the processes on the last micro-batch of each optimizer step only. A step whose loss or
     gradients are NaN or inf on any process is skipped by all (see `optimizer_step`) and counted in
-    `nonfinite_steps`.
+    `nonfinite_steps`. The statistics are means over the micro-batches with a finite loss; every
+    process returns the same keys, NaN where no micro-batch was finite.
     """
     clock = time.perf_counter()
     totals: dict[str, list[float]] = {}
@@ -215,16 +217,17 @@ def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimiz
                     )
                     loss = (policy_loss + config.vf_coef * value_loss) / config.grad_accum
                     accelerator.backward(loss)  # even a NaN one: every DDP process must take part in each reduction
-                if not torch.isfinite(loss):
-                    finite = False
-                    continue
                 stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                          "entropy": masked_mean(entropy, batch.response_mask).item(), **policy_stats, **value_stats}  # fmt: skip
+                if not torch.isfinite(loss):  # its statistics count as missing (NaN), keeping every key
+                    finite = False
+                    stats = dict.fromkeys(stats, math.nan)
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(float(value))
             skipped += not optimizer_step(models, accelerator, optimizer, scheduler, config.max_grad_norm, finite)
-    result = {key: sum(values) / len(values) for key, values in totals.items()}
-    result["ratio_max"] = max(totals.get("ratio_max", []), default=float("nan"))
+    kept = {key: [v for v in values if not math.isnan(v)] for key, values in totals.items()}
+    result = {key: sum(values) / len(values) if values else math.nan for key, values in kept.items()}
+    result["ratio_max"] = max(kept["ratio_max"], default=math.nan)
     result["nonfinite_steps"] = skipped
     result["time_update"] = time.perf_counter() - clock
     return result

@@ -108,3 +108,35 @@ def test_old_logprobs_are_the_training_forwards(monkeypatch) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ppo_update(models, rollout, config, accelerator_on_cpu(), optimizer, scheduler, torch.Generator().manual_seed(0))
     torch.testing.assert_close(ratios[0], torch.ones_like(ratios[0]), atol=1e-6, rtol=0)
+
+
+def update_statistics(models, rollout, config) -> dict:
+    from rlhf.ppo import ppo_update
+
+    optimizer = torch.optim.SGD(list(models.policy.parameters()) + list(models.value.parameters()), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return ppo_update(models, rollout, config, accelerator_on_cpu(), optimizer, scheduler, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # skipped steps
+def test_update_statistics_have_the_same_keys_when_every_loss_is_nan(monkeypatch) -> None:
+    """A process whose every micro-batch is non-finite returns the same keys as the others (NaN
+    values), so `mean_over_processes` makes the same reductions on every process."""
+    import math
+
+    import rlhf.ppo
+
+    models, config = tiny_models(), ppo_config()
+    rollout, _ = rollout_of(models, config)
+    finite = update_statistics(models, rollout, config)
+    assert all(math.isfinite(v) for v in finite.values()), finite
+    real = rlhf.ppo.policy_loss_clipped
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * math.nan, stats
+
+    monkeypatch.setattr(rlhf.ppo, "policy_loss_clipped", nan_loss)
+    nan = update_statistics(models, rollout, config)
+    assert nan.keys() == finite.keys()
+    assert nan["nonfinite_steps"] == 2 and math.isnan(nan["policy_loss"]) and math.isnan(nan["ratio_max"])
