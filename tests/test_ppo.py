@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_ppo_models
 from rlhf.ppo import response_logprobs
 
 P, N = 5, 6  # prompt width, new tokens
@@ -29,26 +30,6 @@ def test_entropy_is_computed_without_gradient(tiny_lm) -> None:
 
 
 # ----------------------------------------------------------------------------- rollouts
-
-
-def tiny_models(seed: int = 0):
-    """PPOModels of tiny randomised float32 models: the policy, an identical reference, a reward
-    model and a value model; a stand-in tokenizer (pad 0, EOS 1)."""
-    import copy
-    from types import SimpleNamespace
-
-    from conftest import make_config, randomize_
-    from rlhf.model import RlhfForCausalLM, RlhfForSequenceClassification
-    from rlhf.ppo import PPOModels
-
-    torch.manual_seed(seed)
-    config = make_config(pad_token_id=0, eos_token_id=1)
-    policy = randomize_(RlhfForCausalLM(config), seed=seed).eval()
-    reference = copy.deepcopy(policy).requires_grad_(False)
-    reward = randomize_(RlhfForSequenceClassification(config), seed=seed + 1).eval().requires_grad_(False)
-    value = randomize_(RlhfForSequenceClassification(config), seed=seed + 2).eval()
-    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
-    return PPOModels(policy=policy, value=value, reward=reward, reference=reference, tokenizer=tokenizer)
 
 
 def ppo_config(**changes):
@@ -89,7 +70,7 @@ def test_old_logprobs_are_the_training_forwards(monkeypatch) -> None:
     import rlhf.ppo
     from rlhf.ppo import ppo_update
 
-    models, config = tiny_models(), ppo_config()
+    models, config = tiny_ppo_models(), ppo_config()
     rollout, stats = rollout_of(models, config)
     mask = rollout.response_mask
     assert mask.sum() > 2 * len(rollout), "responses worth comparing"
@@ -126,7 +107,7 @@ def test_update_statistics_have_the_same_keys_when_every_loss_is_nan(monkeypatch
 
     import rlhf.ppo
 
-    models, config = tiny_models(), ppo_config()
+    models, config = tiny_ppo_models(), ppo_config()
     rollout, _ = rollout_of(models, config)
     finite = update_statistics(models, rollout, config)
     assert all(math.isfinite(v) for v in finite.values()), finite

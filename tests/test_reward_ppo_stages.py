@@ -257,6 +257,32 @@ def test_resumed_manifest_keeps_the_sft_baseline(base, resumed) -> None:
     assert {key: again.get(key) for key in baseline} == pytest.approx({key: original[key] for key in baseline}, abs=METRIC_ATOL)
 
 
+def test_checkpoint_keeps_the_fp16_gradient_scaler(tmp_path) -> None:
+    """Under fp16 the gradient scaler's scale and growth tracker are resumed, not restarted at 65536."""
+    import torch
+
+    from conftest import tiny_ppo_models
+    from rlhf.ppo_math import FixedKLController
+    from rlhf.stages.ppo import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
+
+    models = tiny_ppo_models()
+    optimizer = torch.optim.AdamW(list(models.policy.parameters()) + list(models.value.parameters()))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    state = {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 3}
+    scaler.load_state_dict(state)
+    save_checkpoint(tmp_path / "step-1", models, optimizer, schedule, scaler, FixedKLController(0.1), 1, None)
+    assert all((tmp_path / "step-1" / name).is_file() for name in CHECKPOINT_FILES)
+    resumed = torch.amp.GradScaler("cpu")
+    assert resumed.state_dict() != state
+    step, _ = load_checkpoint(tmp_path / "step-1", models, optimizer, schedule, resumed, FixedKLController(0.0))
+    assert step == 1 and resumed.state_dict() == state
+    # Without fp16 there is no scaler to save or restore.
+    save_checkpoint(tmp_path / "step-2", models, optimizer, schedule, None, FixedKLController(0.1), 2, None)
+    assert "scaler" not in torch.load(tmp_path / "step-2" / "optimizer.pt", weights_only=True)
+    assert load_checkpoint(tmp_path / "step-2", models, optimizer, schedule, None, FixedKLController(0.0))[0] == 2
+
+
 def reference_prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) -> list[int]:
     """The stream as first written (one permutation rebuilt per position): resumed runs depend on it."""
     indices = []

@@ -91,8 +91,9 @@ def scheduler(optimizer, config: PPOConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
 
-def save_checkpoint(folder: Path, models, optimizer, scheduler, controller, step: int, baseline: dict | None) -> None:
-    """Weights as safetensors, optimizer tensors via torch.save (read back with weights_only), state as JSON."""
+def save_checkpoint(folder: Path, models, optimizer, scheduler, scaler, controller, step: int, baseline: dict | None) -> None:
+    """Weights as safetensors, optimizer, schedule and fp16 gradient-scaler (`scaler`, None without
+    fp16) states via torch.save (read back with weights_only), the rest as JSON."""
     import torch
     from safetensors.torch import save_model
 
@@ -103,13 +104,16 @@ def save_checkpoint(folder: Path, models, optimizer, scheduler, controller, step
     temporary.mkdir(parents=True, exist_ok=True)
     save_model(unwrapped(models.policy), str(temporary / "policy.safetensors"))
     save_model(unwrapped(models.value), str(temporary / "value.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, temporary / "optimizer.pt")
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        states["scaler"] = scaler.state_dict()
+    torch.save(states, temporary / "optimizer.pt")
     state = {"step": step, "kl_controller": controller.state_dict(), "sft_evaluation": baseline}
     atomic_write_text(temporary / "state.json", json.dumps(state))
     temporary.rename(folder)  # a checkpoint folder exists only once complete
 
 
-def load_checkpoint(folder: Path, models, optimizer, scheduler, controller) -> tuple[int, dict | None]:
+def load_checkpoint(folder: Path, models, optimizer, scheduler, scaler, controller) -> tuple[int, dict | None]:
     """Restore a checkpoint (every process reads the same one); returns (iteration, the SFT policy's held-out evaluation)."""
     import torch
     from safetensors.torch import load_model
@@ -121,6 +125,8 @@ def load_checkpoint(folder: Path, models, optimizer, scheduler, controller) -> t
     states = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
+    if scaler is not None and "scaler" in states:
+        scaler.load_state_dict(states["scaler"])
     state = json.loads((folder / "state.json").read_text())
     controller.load_state_dict(state["kl_controller"])
     return state["step"], state.get("sft_evaluation")
@@ -217,7 +223,7 @@ def run(ctx: StageContext) -> dict:
     start_step, before = 0, None
     last = on_main(lambda: latest_checkpoint(checkpoints, ctx.fingerprint, ctx.fresh))
     if last is not None:
-        start_step, before = load_checkpoint(last, models, optimizer, schedule, controller)
+        start_step, before = load_checkpoint(last, models, optimizer, schedule, accelerator.scaler, controller)
         print(f"ppo: resuming from {last} (iteration {start_step})")
     if is_main_process() and last is not None:
         truncate_metrics(out_dir, start_step)  # the iterations after the checkpoint are logged again
@@ -281,7 +287,8 @@ def run(ctx: StageContext) -> dict:
             due = (step + 1) % config.save_every == 0 and step + 1 < config.steps
             stopping = stop.requested()
             if due or stopping:
-                on_main(lambda: save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizer, schedule, controller, step + 1, before))
+                on_main(lambda: save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizer, schedule, accelerator.scaler,
+                                                controller, step + 1, before))  # fmt: skip
             if stopping:
                 stop.exit(checkpoints / f"step-{step + 1}")
 
