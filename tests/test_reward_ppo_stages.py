@@ -78,13 +78,39 @@ def test_reward_metrics_and_stored_normalisation(base) -> None:
     assert metrics["eval_pairs"] == 8 and metrics["train_pairs"] == 40
     assert metrics["steps"] == 3 and math.isfinite(metrics["eval_margin"])
     stored = json.loads((base.run_dir / "reward" / "config.json").read_text(encoding="utf-8"))
-    assert stored["reward_mean"] == pytest.approx(metrics["reward_mean"])
-    assert stored["reward_std"] == pytest.approx(metrics["reward_std"])
-    assert math.isfinite(stored["reward_mean"]) and stored["reward_std"] > 0
+    assert stored.get("reward_mean", 0.0) == 0.0 and stored.get("reward_std", 1.0) == 1.0, "folded into the head"
+    assert stored["folded_reward_mean"] == pytest.approx(metrics["reward_mean"])
+    assert stored["folded_reward_std"] == pytest.approx(metrics["reward_std"])
+    assert math.isfinite(metrics["reward_mean"]) and metrics["reward_std"] > 0
     model = AutoModelForSequenceClassification.from_pretrained(base.run_dir / "reward")
     assert isinstance(model, RlhfForSequenceClassification) and model.config.num_labels == 1
-    assert model.config.reward_std == pytest.approx(metrics["reward_std"])
+    assert model.config.folded_reward_std == pytest.approx(metrics["reward_std"])
     assert "held-out pairwise accuracy" in base.out
+
+
+def test_reward_model_head_outputs_normalised_scores(base) -> None:
+    """The saved reward model scores the init policy's normalisation samples (re-drawn here as the stage
+    drew them) with mean 0 and std 1 straight from its head, and RewardScorer does not normalise again."""
+    import statistics
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.config import load_pipeline
+    from rlhf.responses import sample_responses
+    from rlhf.scoring import RewardScorer
+    from rlhf.stages.reward import read_inputs
+
+    config = load_pipeline(base.pipeline).stages["reward"]
+    prompts = [pair["prompt"] for pair in read_inputs(config)[0]]
+    random.Random(0).shuffle(prompts)  # the pipeline's seed
+    prompts = prompts[: config.norm_prompts]
+    policy = AutoModelForCausalLM.from_pretrained(base.run_dir / config.init)
+    tokenizer = AutoTokenizer.from_pretrained(base.run_dir / config.init)
+    responses = sample_responses(policy, tokenizer, prompts, config.norm_max_new_tokens, temperature=1.0, seed=0)
+    scorer = RewardScorer(base.run_dir / "reward", device="cpu")
+    raw = scorer.score(prompts, responses, normalised=False)
+    assert statistics.fmean(raw) == pytest.approx(0.0, abs=1e-5) and statistics.pstdev(raw) == pytest.approx(1.0, abs=1e-5)
+    assert scorer.score(prompts, responses) == raw
 
 
 def test_reward_accuracy_rescored_from_the_saved_model(base) -> None:
