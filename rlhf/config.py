@@ -282,6 +282,11 @@ class PPOConfig(OptimizationConfig):
     """Whiten the KL-penalised rewards (keeping their mean) before GAE."""
     missing_eos_penalty: float = -1.0
     """Score given (in normalised reward units) to a response that never emits the stop token."""
+    norm_prompts: int = 256
+    """Prompts (from the start of the training stream) the SFT policy answers before training, sampled
+    exactly as rollouts are (engine, temperature, max_new_tokens): the mean and std of the reward model's
+    scores on those that stopped normalise PPO's scores, and the same map is folded into the value
+    model's head. Measured once and kept in the checkpoints. 0 keeps the reward stage's normalisation."""
     reward_functions: list[str] = field(default_factory=list)
     """Extra 'module:function' rewards taking (prompts, responses) texts, added to the score."""
     lora: LoraSettings | None = None
@@ -304,6 +309,7 @@ class PPOConfig(OptimizationConfig):
         _check(self.rollout_batch_size % (self.minibatch_size * self.grad_accum) == 0,
                "rollout_batch_size must be a multiple of minibatch_size * grad_accum")  # fmt: skip
         _check(self.value_lr >= 0, f"value_lr: must be >= 0, got {self.value_lr}")
+        _check(self.norm_prompts >= 0, f"norm_prompts: must be >= 0, got {self.norm_prompts}")
         _check(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
         _check(self.kl_coef >= 0, f"kl_coef: must be >= 0, got {self.kl_coef}")
         _check(self.kl_estimator != "k3", "kl_estimator: 'k3' as a per-token reward gives a biased KL gradient "

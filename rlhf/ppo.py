@@ -2,8 +2,9 @@
 
 The maths lives in `rlhf.ppo_math` (pure functions); this module wires it to models:
 `make_rollout` samples responses with our KV-cache engine and turns them into a `Rollout`
-(policy and reference log-probs recomputed by the update's own forward, normalised reward-model
-scores, values, KL-penalised rewards, whitened GAE advantages); `ppo_update` runs the clipped policy and value losses over reshuffled minibatches.
+(policy and reference log-probs recomputed by the update's own forward, reward-model scores
+normalised to the SFT policy's own PPO samples (`measure_score_normalisation`), values,
+KL-penalised rewards, whitened GAE advantages); `ppo_update` runs the clipped policy and value losses over reshuffled minibatches.
 
 Conventions: the policy's log-probabilities are those of the temperature-scaled logits it sampled
 from; `logits[:, P - 1 : -1]` predict the response tokens `sequences[:, P:]` (P = prompt width);
@@ -15,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from rlhf.distributed import all_sum, every_process
-from rlhf.generation import generate, left_pad
+from rlhf.generation import GenerationResult, generate, left_pad
+from rlhf.model import normalise_score_head
 from rlhf.ppo_math import (
     KL_ESTIMATORS,
     Rollout,
@@ -39,17 +41,41 @@ from rlhf.ppo_math import (
 from rlhf.training import gradients_finite
 
 
+MIN_NORMALISATION_SAMPLES = 16
+"""Fewer stopped responses than this and the score normalisation is measured over every response."""
+
+
+@dataclass
+class ScoreNormalisation:
+    """PPO's score: the reward model's normalised score rescaled, ``(score - mean) / std``, with the
+    mean and std of the SFT policy's own PPO samples (`measure_score_normalisation`). The identity
+    until measured."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    samples: int = 0
+    """Responses the figures come from (0: not measured)."""
+    responses: int = 0
+    """Responses sampled; `samples` of them stopped, or all if too few stopped."""
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B,) -> (B,)."""
+        return (scores - self.mean) / self.std
+
+
 @dataclass
 class PPOModels:
     policy: torch.nn.Module
     """Causal LM being trained (possibly a PEFT model)."""
     value: torch.nn.Module
-    """Scalar-head model trained alongside (initialised from the reward model)."""
+    """Scalar-head model trained alongside (initialised from the reward model; see `use_score_normalisation`)."""
     reward: torch.nn.Module
-    """Frozen reward model; its config holds the normalisation statistics."""
+    """Frozen reward model; its config holds the normalisation statistics of older models."""
     reference: torch.nn.Module | None
     """Frozen copy of the initial policy; None with LoRA (the policy with adapters disabled)."""
     tokenizer: Any
+    score_normalisation: ScoreNormalisation = field(default_factory=ScoreNormalisation)
+    """How PPO rescales the reward model's normalised scores (set by `use_score_normalisation`)."""
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -95,6 +121,53 @@ def normalised_scores(reward_model, sequences, attention_mask) -> torch.Tensor:
     return (raw - reward_model.config.reward_mean) / reward_model.config.reward_std
 
 
+def use_score_normalisation(models: PPOModels, normalisation: ScoreNormalisation) -> None:
+    """Score rollouts with `normalisation`, and fold into the value model's head every map from its
+    outputs to PPO's scores: its stored normalisation (older reward models; 0 and 1 otherwise), then
+    `normalisation`. The value model then starts on the scale of the returns it predicts. Once per run."""
+    models.score_normalisation = normalisation
+    value = unwrapped(models.value)
+    mean, std = value.config.reward_mean, value.config.reward_std
+    value.config.reward_mean, value.config.reward_std = 0.0, 1.0
+    normalise_score_head(value, mean, std)
+    normalise_score_head(value, normalisation.mean, normalisation.std)
+
+
+def sample_episodes(models: PPOModels, prompt_tokens: list[list[int]], config, generator: torch.Generator) -> GenerationResult:
+    """The policy's responses to token prompts, sampled as rollouts are (engine, temperature, max_new_tokens)."""
+    tokenizer, device = models.tokenizer, next(models.policy.parameters()).device
+    ids, mask = left_pad(prompt_tokens, tokenizer.pad_token_id, device)
+    policy = unwrapped(models.policy)  # generation steps differ between processes: no DDP collectives here
+    return generate(
+        policy, ids, mask, config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        temperature=config.temperature, generator=generator,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def measure_score_normalisation(models: PPOModels, prompt_tokens: list[list[int]], config, generator: torch.Generator
+                                ) -> ScoreNormalisation:  # fmt: skip
+    """Mean and (population) std of the reward model's normalised scores on the policy's responses to
+    `prompt_tokens`, sampled as rollouts are, `rollout_batch_size` prompts at a time: over the exact
+    token sequences of the responses that stopped (the others get `missing_eos_penalty`, not a score),
+    or of all if fewer than MIN_NORMALISATION_SAMPLES stopped; the identity with fewer than two
+    (no prompts: nothing sampled)."""
+    if not prompt_tokens:
+        return ScoreNormalisation()
+    stopped, every = [], []
+    for start in range(0, len(prompt_tokens), config.rollout_batch_size):
+        sample = sample_episodes(models, prompt_tokens[start : start + config.rollout_batch_size], config, generator)
+        scores = normalised_scores(models.reward, sample.sequences, sample.attention_mask)
+        every.append(scores)
+        stopped.append(scores[sample.stopped])
+    stopped, every = torch.cat(stopped), torch.cat(every)
+    scores = stopped if len(stopped) >= MIN_NORMALISATION_SAMPLES else every
+    if len(scores) < 2:
+        return ScoreNormalisation(responses=len(every))
+    std = scores.std(correction=0).item()
+    return ScoreNormalisation(scores.mean().item(), std if std > 0 else 1.0, samples=len(scores), responses=len(every))
+
+
 @torch.no_grad()
 def whiten_across_processes(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """`masked_whiten` with the mean and (population) variance over the masked entries of every
@@ -124,22 +197,19 @@ def make_rollout(
     from rlhf.responses import decode_responses
 
     tokenizer, device = models.tokenizer, next(models.policy.parameters()).device
-    policy = unwrapped(models.policy)  # generation steps differ between processes: no DDP collectives here
+    policy = unwrapped(models.policy)  # a no-grad pass: no DDP collectives (other processes' batches differ)
     clock = time.perf_counter()
 
     # 1. Sample responses (the engine's own log-probabilities serve sampling only).
-    ids, mask = left_pad(prompt_tokens, tokenizer.pad_token_id, device)
-    sample = generate(
-        policy, ids, mask, config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-        temperature=config.temperature, generator=generator,
-    )  # fmt: skip
+    sample = sample_episodes(models, prompt_tokens, config, generator)
     sequences, attention, response_mask, P = sample.sequences, sample.attention_mask, sample.response_mask, sample.prompt_length
     generation_seconds = time.perf_counter() - clock
 
-    # 2. Score: normalised reward model, penalty for a missing stop token, programmatic rewards.
+    # 2. Score: the reward model (normalised, then rescaled to the SFT policy's PPO samples), a penalty
+    #    for a missing stop token, programmatic rewards.
     clock = time.perf_counter()
     rm_scores = normalised_scores(models.reward, sequences, attention)
-    scores = torch.where(sample.stopped, rm_scores, torch.full_like(rm_scores, config.missing_eos_penalty))
+    scores = torch.where(sample.stopped, models.score_normalisation(rm_scores), torch.full_like(rm_scores, config.missing_eos_penalty))
     responses = decode_responses(tokenizer, sample.responses, response_mask) if reward_functions or judge else []
     if reward_functions:
         for function in reward_functions:

@@ -378,3 +378,11 @@ def test_kl_estimator_accepts_the_reward_path_estimators_and_refuses_k3(tmp_path
     assert "stages.ppo" in message and "kl_estimator" in message and "biased" in message and "use 'k1'" in message
     message = config_error(path, ["stages.ppo.kl_estimator=k2"])
     assert "kl_estimator" in message and "'k2'" in message
+
+
+def test_norm_prompts_must_not_be_negative(tmp_path) -> None:
+    path = write(tmp_path, PPO_MINIMAL)
+    assert load_pipeline(path).stages["ppo"].norm_prompts == 256
+    assert load_pipeline(path, ["stages.ppo.norm_prompts=0"]).stages["ppo"].norm_prompts == 0
+    message = config_error(path, ["stages.ppo.norm_prompts=-1"])
+    assert "norm_prompts" in message and ">= 0" in message

@@ -121,3 +121,77 @@ def test_update_statistics_have_the_same_keys_when_every_loss_is_nan(monkeypatch
     nan = update_statistics(models, rollout, config)
     assert nan.keys() == finite.keys()
     assert nan["nonfinite_steps"] == 2 and math.isnan(nan["policy_loss"]) and math.isnan(nan["ratio_max"])
+
+
+# ----------------------------------------------------------------------------- score normalisation
+
+
+def stopped_rows(rollout, eos: int) -> torch.Tensor:
+    """(B,) whether each response emitted EOS."""
+    return ((rollout.query_responses[:, rollout.prompt_length :] == eos) & rollout.response_mask).any(-1)
+
+
+def rm_scores(models, rollout) -> torch.Tensor:
+    from rlhf.ppo import normalised_scores
+
+    return normalised_scores(models.reward, rollout.query_responses, rollout.attention_mask)
+
+
+@pytest.mark.parametrize("minimum, over", [(4, "stopped"), (100, "all")])
+def test_score_normalisation_is_measured_on_responses_sampled_as_rollouts_are(monkeypatch, minimum, over) -> None:
+    """The mean and std come from the reward model's scores of the very token sequences rollouts of the
+    same prompts and generator would hold: of those that stopped, or of all when too few did."""
+    import rlhf.ppo
+    from rlhf.ppo import measure_score_normalisation
+
+    monkeypatch.setattr(rlhf.ppo, "MIN_NORMALISATION_SAMPLES", minimum)
+    models, config = tiny_ppo_models(), ppo_config(rollout_batch_size=16)
+    tokens = prompts(32, seed=1)
+    measured = measure_score_normalisation(models, tokens, config, torch.Generator().manual_seed(5))
+
+    generator, scores, stopped = torch.Generator().manual_seed(5), [], []
+    for start in (0, 16):  # rollouts of the same prompts, the generator's stream continued
+        rollout, _ = rlhf.ppo.make_rollout(models, tokens[start : start + 16], [""] * 16, config, 0.1, generator)
+        scores.append(rm_scores(models, rollout))
+        stopped.append(stopped_rows(rollout, models.tokenizer.eos_token_id))
+    scores, stopped = torch.cat(scores), torch.cat(stopped)
+    assert 4 <= int(stopped.sum()) < 32, "some responses stop, some do not"
+    kept = scores[stopped] if over == "stopped" else scores
+    assert (measured.samples, measured.responses) == (len(kept), 32)
+    assert measured.mean == pytest.approx(kept.mean().item(), abs=1e-6)
+    assert measured.std == pytest.approx(kept.std(correction=0).item(), abs=1e-6)
+
+
+def test_score_normalisation_without_prompts_is_the_identity() -> None:
+    from rlhf.ppo import ScoreNormalisation, measure_score_normalisation
+
+    assert measure_score_normalisation(tiny_ppo_models(), [], ppo_config(), torch.Generator()) == ScoreNormalisation()
+
+
+def test_rollout_scores_are_normalised_where_the_response_stopped() -> None:
+    from rlhf.ppo import ScoreNormalisation
+
+    models, config = tiny_ppo_models(), ppo_config(rollout_batch_size=16, missing_eos_penalty=-7.0)
+    models.score_normalisation = ScoreNormalisation(mean=0.3, std=1.5)
+    rollout, _ = rollout_of(models, config)
+    stopped = stopped_rows(rollout, models.tokenizer.eos_token_id)
+    assert stopped.any() and not stopped.all()
+    expected = torch.where(stopped, (rm_scores(models, rollout) - 0.3) / 1.5, -7.0)
+    torch.testing.assert_close(rollout.scores, expected, atol=1e-6, rtol=0)
+
+
+def test_value_model_starts_on_the_scale_of_ppo_scores() -> None:
+    """use_score_normalisation folds into the value head the reward model's stored normalisation (here an
+    older model's 0.5 and 2) and PPO's own (0.3 and 1.5): its outputs are on the scale of PPO's scores."""
+    from rlhf.ppo import ScoreNormalisation, use_score_normalisation
+
+    models = tiny_ppo_models()
+    models.value.config.reward_mean, models.value.config.reward_std = 0.5, 2.0
+    ids, mask = batch(models.value.config.vocab_size)
+    with torch.no_grad():
+        before = models.value(input_ids=ids, attention_mask=mask).token_scores
+        use_score_normalisation(models, ScoreNormalisation(mean=0.3, std=1.5, samples=10, responses=12))
+        after = models.value(input_ids=ids, attention_mask=mask).token_scores
+    torch.testing.assert_close(after, ((before - 0.5) / 2.0 - 0.3) / 1.5, atol=1e-6, rtol=0)
+    assert (models.value.config.reward_mean, models.value.config.reward_std) == (0.0, 1.0), "nothing applied twice"
+    assert models.score_normalisation.mean == 0.3

@@ -165,6 +165,21 @@ def test_ppo_logs_every_iteration(base) -> None:
     assert abs(rows[0]["kl"]) < 1e-5, "iteration 1 samples from the untouched policy: KL to the reference is 0"
 
 
+def test_ppo_normalises_scores_under_the_sft_policys_ppo_samples(base) -> None:
+    """Measured once before training, on 32 responses sampled as rollouts are: printed, in the first
+    metrics row and the stage's metrics, and kept in every checkpoint for a resumed run."""
+    rows = read_metrics(base.run_dir / "ppo")
+    metrics = read_manifest(base.run_dir / "ppo")["metrics"]
+    figures = {key: rows[0][key] for key in ("score_norm_mean", "score_norm_std", "score_norm_samples")}
+    assert 2 <= figures["score_norm_samples"] <= 32 and figures["score_norm_std"] > 0
+    assert {key: metrics[key] for key in figures} == figures
+    assert not any(key in row for row in rows[1:] for key in figures), "logged once, in the first row"
+    assert f"ppo: scores normalised over {figures['score_norm_samples']} of 32 SFT-policy responses" in base.out
+    state = json.loads((base.run_dir / "ppo" / "checkpoints" / "step-2" / "state.json").read_text())
+    saved = state["score_normalisation"]
+    assert (saved["mean"], saved["std"], saved["samples"], saved["responses"]) == (*figures.values(), 32)
+
+
 def test_ppo_saves_policy_value_and_evaluation(base) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -273,6 +288,9 @@ def test_resumed_eval_metrics_equal_the_uninterrupted_run(base, resumed) -> None
     again = read_manifest(resumed.run_dir / "ppo")["metrics"]
     for key in ("eval_judge", "eval_kl", "eval_rm_score", "beta", "iterations"):
         assert again[key] == pytest.approx(original[key], abs=METRIC_ATOL), key
+    for key in ("score_norm_mean", "score_norm_std", "score_norm_samples"):
+        assert again[key] == original[key], f"{key}: the checkpoint's figures, not measured again"
+    assert "scores normalised over" not in resumed.out
 
 
 def test_resumed_manifest_keeps_the_sft_baseline(base, resumed) -> None:

@@ -2,11 +2,14 @@
 
 Models: the policy (from SFT), a frozen reference (the SFT model, or the LoRA policy with its
 adapters disabled), the frozen reward model (normalised scores) and a value model initialised
-from the reward model; dropout off everywhere. Each iteration: sample, score, compute
+from the reward model; dropout off everywhere. Before training, the SFT policy answers
+`norm_prompts` prompts exactly as rollouts sample, and the mean and std of the reward model's
+scores on those that stopped normalise PPO's scores; the same map is folded into the value
+model's head, so it starts on the scale of its targets. Each iteration: sample, score, compute
 KL-penalised rewards and GAE advantages, then several epochs of clipped updates (see
-`rlhf.ppo`). Checkpoints hold both models, the optimizer and its schedule, the KL controller
-and the iteration; sampling and shuffling are seeded per iteration, so a resumed run follows
-the same curve.
+`rlhf.ppo`). Checkpoints hold both models, the optimizer, its schedule and fp16's gradient
+scaler, the KL controller, the score normalisation and the iteration; sampling and shuffling are
+seeded per iteration, so a resumed run follows the same curve.
 
 Under torchrun every process samples its own share of each iteration's prompts with its own seeds;
 advantages are whitened, the KL controller steered and the metrics averaged over all of them
@@ -15,6 +18,7 @@ advantages are whitened, the KL controller steered and the metrics averaged over
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -30,6 +34,8 @@ DATA_PARALLEL = True
 CHECKPOINT_FILES = ("policy.safetensors", "value.safetensors", "optimizer.pt", "state.json")
 RANK_SEED_STRIDE = 2**40
 """Added per process rank to the sampling and shuffling seeds: each process draws its own samples."""
+NORMALISATION_SEED = 2**62
+"""Added to the run's seed for the score-normalisation samples: apart from every iteration's seeds."""
 
 
 def upstream(config: PPOConfig) -> tuple[str, ...]:
@@ -108,18 +114,22 @@ def save_checkpoint(folder: Path, models, optimizer, scheduler, scaler, controll
     if scaler is not None:
         states["scaler"] = scaler.state_dict()
     torch.save(states, temporary / "optimizer.pt")
-    state = {"step": step, "kl_controller": controller.state_dict(), "sft_evaluation": baseline}
+    state = {"step": step, "kl_controller": controller.state_dict(), "sft_evaluation": baseline,
+             "score_normalisation": dataclasses.asdict(models.score_normalisation)}  # fmt: skip
     atomic_write_text(temporary / "state.json", json.dumps(state))
     temporary.rename(folder)  # a checkpoint folder exists only once complete
 
 
 def load_checkpoint(folder: Path, models, optimizer, scheduler, scaler, controller) -> tuple[int, dict | None]:
-    """Restore a checkpoint (every process reads the same one); returns (iteration, the SFT policy's held-out evaluation)."""
+    """Restore a checkpoint (every process reads the same one), the run's score normalisation included;
+    returns (iteration, the SFT policy's held-out evaluation)."""
     import torch
     from safetensors.torch import load_model
 
-    from rlhf.ppo import unwrapped
+    from rlhf.ppo import ScoreNormalisation, unwrapped, use_score_normalisation
 
+    state = json.loads((folder / "state.json").read_text())
+    use_score_normalisation(models, ScoreNormalisation(**state["score_normalisation"]))  # the value head's record; weights next
     load_model(unwrapped(models.policy), str(folder / "policy.safetensors"))
     load_model(unwrapped(models.value), str(folder / "value.safetensors"))
     states = torch.load(folder / "optimizer.pt", weights_only=True)
@@ -127,7 +137,6 @@ def load_checkpoint(folder: Path, models, optimizer, scheduler, scaler, controll
     scheduler.load_state_dict(states["scheduler"])
     if scaler is not None and "scaler" in states:
         scaler.load_state_dict(states["scaler"])
-    state = json.loads((folder / "state.json").read_text())
     controller.load_state_dict(state["kl_controller"])
     return state["step"], state.get("sft_evaluation")
 
@@ -161,7 +170,7 @@ def run(ctx: StageContext) -> dict:
     from rlhf.errors import ArtifactError, TrainingDiverged
     from rlhf.evaluation import sample_policy
     from rlhf.model import set_dropout
-    from rlhf.ppo import PPOModels, make_rollout, ppo_update
+    from rlhf.ppo import PPOModels, make_rollout, measure_score_normalisation, ppo_update, use_score_normalisation
     from rlhf.ppo_math import AdaptiveKLController, FixedKLController
     from rlhf.responses import encode_prompts, prompt_text
     from rlhf.tokenizer import check_fits_model
@@ -204,7 +213,7 @@ def run(ctx: StageContext) -> dict:
             set_dropout(model, 0.0)
 
     # 2. One optimizer (a parameter group per model, so fp16's scaler unscales once per step), its
-    #    schedule and the KL controller; resume from the last checkpoint if any.
+    #    schedule and the KL controller; resume from the last checkpoint if any (its score normalisation too).
     updates_per_step = config.ppo_epochs * config.rollout_batch_size // (config.minibatch_size * config.grad_accum)
     total_updates = config.steps * updates_per_step
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.lr},
@@ -230,8 +239,24 @@ def run(ctx: StageContext) -> dict:
     elif is_main_process():
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     unwrapped = accelerator.unwrap_model(policy)
+    encoded = encode_prompts(tokenizer, prompts)
+    limit = unwrapped.config.n_positions - config.max_new_tokens
 
-    # 3. Evaluate the SFT policy on held-out prompts (same seed as the final evaluation).
+    # 3. A fresh run normalises PPO's scores under the SFT policy's own PPO samples (the main process
+    #    samples and measures; every process folds the same map into its value model's head).
+    if last is None:
+        chosen = prompt_order(len(prompts), 0, config.norm_prompts, ctx.seed)
+        generator = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + NORMALISATION_SEED)
+        with accelerator.autocast():
+            measured = on_main(lambda: measure_score_normalisation(models, [encoded[i][-limit:] for i in chosen], config, generator))
+        use_score_normalisation(models, measured)
+        if config.norm_prompts:
+            print(f"ppo: scores normalised over {measured.samples} of {measured.responses} SFT-policy responses to "
+                  f"PPO prompts (reward-model units: mean {measured.mean:.3f}, std {measured.std:.3f})")  # fmt: skip
+    norm = models.score_normalisation
+    norm_metrics = {"score_norm_mean": norm.mean, "score_norm_std": norm.std, "score_norm_samples": norm.samples}
+
+    # 4. Evaluate the SFT policy on held-out prompts (same seed as the final evaluation).
     def evaluate() -> dict:
         """Held-out means: normalised RM score, judge, KL to the reference (not with LoRA), length, stop share."""
         samples = sample_policy(unwrapped, tokenizer, eval_prompts, config.max_new_tokens, seed=ctx.seed,
@@ -246,16 +271,14 @@ def run(ctx: StageContext) -> dict:
     if eval_prompts and start_step == 0 and is_main_process():
         before = evaluate()
 
-    # 4. The PPO loop: rollout, update, log, checkpoint. Each process answers its own prompts.
+    # 5. The PPO loop: rollout, update, log, checkpoint. Each process answers its own prompts.
     episodes_per_step = config.rollout_batch_size * world_size()
-    encoded = encode_prompts(tokenizer, prompts)
-    limit = unwrapped.config.n_positions - config.max_new_tokens
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="ppo", unit="it",
                     disable=not is_main_process())
     diverged = 0  # iterations in a row whose every update was NaN or inf
     with GracefulStop("ppo") as stop:  # SIGINT/SIGTERM: finish the iteration, save a checkpoint, stop
         for step in progress:
-            # 4a. This process's share of the iteration's prompts, sampled and scored with its own seed.
+            # 5a. This process's share of the iteration's prompts, sampled and scored with its own seed.
             batch = prompt_order(len(prompts), step * world_size() + rank(), config.rollout_batch_size, ctx.seed)
             seed = ctx.seed * 1_000_003 + step + rank() * RANK_SEED_STRIDE
             with accelerator.autocast():
@@ -263,7 +286,7 @@ def run(ctx: StageContext) -> dict:
                     models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
                     config, controller.value, torch.Generator(device=device).manual_seed(seed), reward_functions, judge,
                 )  # fmt: skip
-            # 4b. Clipped policy and value updates over reshuffled minibatches; statistics averaged over processes.
+            # 5b. Clipped policy and value updates over reshuffled minibatches; statistics averaged over processes.
             stats.update(ppo_update(models, rollout, config, accelerator, optimizer, schedule, torch.Generator().manual_seed(seed)))
             stats = mean_over_processes(stats, maxima=("ratio_max",))
             diverged = diverged + 1 if stats["nonfinite_steps"] == updates_per_step else 0
@@ -273,9 +296,11 @@ def run(ctx: StageContext) -> dict:
                     f"ppo: {diverged} iterations in a row had only NaN/inf losses or gradients (iteration {step + 1}); "
                     f"stopped. Last good checkpoint: {kept or 'none'}; lower lr or check the reward model's scores"
                 )
-            # 4c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint.
+            # 5c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint.
             controller.update(stats["kl"], episodes_per_step)
             stats.update(step=step + 1, episodes=(step + 1) * episodes_per_step, lr=schedule.get_last_lr()[0])
+            if step == 0:
+                stats.update(norm_metrics)
             if is_main_process():
                 append_metrics(out_dir, stats)
             if stats["kl"] < -1e-3:
@@ -292,10 +317,11 @@ def run(ctx: StageContext) -> dict:
             if stopping:
                 stop.exit(checkpoints / f"step-{step + 1}")
 
-    # 5. The main process evaluates on held-out prompts and saves the policy (adapters merged) and the value model.
+    # 6. The main process evaluates on held-out prompts and saves the policy (adapters merged) and the value model.
     if not is_main_process():
         return {}
-    metrics: dict = {"iterations": config.steps, "episodes": config.steps * episodes_per_step, "beta": controller.value}
+    metrics: dict = {"iterations": config.steps, "episodes": config.steps * episodes_per_step, "beta": controller.value,
+                     **norm_metrics}  # fmt: skip
     if eval_prompts:
         after = evaluate()
         metrics.update({f"eval_{name}": value_ for name, value_ in after.items()})
