@@ -258,11 +258,16 @@ class PPOConfig(OptimizationConfig):
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty (initial value when adaptive)."""
     kl_estimator: str = "k1"
-    """'k1' (log-ratio, unbiased) or 'k3' (Schulman's non-negative estimator)."""
+    """Per-token KL estimate penalised in the reward: 'k1' (log-ratio), the only one whose gradient as a
+    detached reward is the KL's ('k3' is not: E[k3 * grad log pi] != grad KL, so it is refused)."""
     kl_target: float = 0.0
     """If > 0, beta adapts toward this mean KL per sequence over kl_horizon episodes (Ziegler et al.)."""
     kl_horizon: int = 10000
-    """Episodes over which the adaptive controller closes the KL gap."""
+    """Episodes over which the adaptive controller closes the KL gap. Each iteration of n episodes
+    (processes x rollout_batch_size) multiplies beta by 1 + clip(KL / kl_target - 1, -0.2, 0.2) * n / kl_horizon,
+    so by 1 +- 0.2 n / kl_horizon at most, and over k iterations by at most (1 +- 0.2 n / kl_horizon)^k.
+    Size it to the run: with n = 64 and k = 60, a horizon of 10000 lets beta move by 8% at most
+    (0.9987^60 = 0.93), 800 by a factor of about 2.6 either way (0.984^60 = 0.38, 1.016^60 = 2.59)."""
     gamma: float = 1.0
     """Discount of GAE."""
     lam: float = 0.95
@@ -277,6 +282,11 @@ class PPOConfig(OptimizationConfig):
     """Whiten the KL-penalised rewards (keeping their mean) before GAE."""
     missing_eos_penalty: float = -1.0
     """Score given (in normalised reward units) to a response that never emits the stop token."""
+    norm_prompts: int = 256
+    """Prompts (from the start of the training stream) the SFT policy answers before training, sampled
+    exactly as rollouts are (engine, temperature, max_new_tokens): the mean and std of the reward model's
+    scores on those that stopped normalise PPO's scores, and the same map is folded into the value
+    model's head. Measured once and kept in the checkpoints. 0 keeps the reward stage's normalisation."""
     reward_functions: list[str] = field(default_factory=list)
     """Extra 'module:function' rewards taking (prompts, responses) texts, added to the score."""
     reward_model_weight: float = 1.0
@@ -302,9 +312,12 @@ class PPOConfig(OptimizationConfig):
         _check(self.rollout_batch_size % (self.minibatch_size * self.grad_accum) == 0,
                "rollout_batch_size must be a multiple of minibatch_size * grad_accum")  # fmt: skip
         _check(self.value_lr >= 0, f"value_lr: must be >= 0, got {self.value_lr}")
+        _check(self.norm_prompts >= 0, f"norm_prompts: must be >= 0, got {self.norm_prompts}")
         _check(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
         _check(self.kl_coef >= 0, f"kl_coef: must be >= 0, got {self.kl_coef}")
-        _check(self.kl_estimator in ("k1", "k3"), f"kl_estimator: must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        _check(self.kl_estimator != "k3", "kl_estimator: 'k3' as a per-token reward gives a biased KL gradient "
+                                          "(E[k3 * grad log pi] != grad KL); use 'k1', whose gradient is exact")
+        _check(self.kl_estimator == "k1", f"kl_estimator: must be 'k1', got {self.kl_estimator!r}")
         _check(self.kl_target >= 0 and self.kl_horizon > 0, "kl_target must be >= 0 and kl_horizon positive")
         _check(self.kl_target == 0 or self.kl_coef > 0, "kl_target: an adaptive beta needs a positive kl_coef to start from")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")

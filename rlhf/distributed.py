@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import pickle
 from typing import Callable, Iterator, TypeVar
@@ -142,18 +143,30 @@ def all_sum(tensor):
 
 
 def mean_over_processes(stats: dict[str, float], maxima: tuple[str, ...] = ()) -> dict[str, float]:
-    """Each statistic averaged over the processes (the keys in `maxima`: their maximum).
+    """Each statistic averaged over the processes where it is not NaN (the keys in `maxima`: their
+    maximum); NaN where it is NaN on every process.
 
-    Every process must hold the same keys; equal batch sizes make the mean of means the global mean.
+    A key that some process lacks counts as NaN there, so processes whose statistics differ (one whose
+    every update was skipped, say) still make the same reductions, of the union of the keys. Equal
+    batch sizes make the mean of means the global mean.
     """
     if not is_distributed():
         return dict(stats)
-    keys = sorted(stats)
-    means = [total / world_size() for total in _reduce([float(stats[k]) for k in keys], "SUM")]
-    result = dict(zip(keys, means))
-    top = [k for k in keys if k in maxima]
+    import torch
+
+    init()
+    key_sets: list = [None] * world_size()
+    torch.distributed.all_gather_object(key_sets, sorted(stats))
+    keys = sorted(set().union(*key_sets))
+    values = [float(stats.get(k, math.nan)) for k in keys]
+    present = [not math.isnan(v) for v in values]
+    reduced = _reduce([v if ok else 0.0 for v, ok in zip(values, present)] + [float(ok) for ok in present], "SUM")
+    counts = dict(zip(keys, reduced[len(keys) :]))
+    result = {k: total / counts[k] if counts[k] else math.nan for k, total in zip(keys, reduced)}
+    top = [i for i, k in enumerate(keys) if k in maxima]
     if top:
-        result.update(zip(top, _reduce([float(stats[k]) for k in top], "MAX")))
+        highest = _reduce([values[i] if present[i] else -math.inf for i in top], "MAX")
+        result.update((keys[i], value if counts[keys[i]] else math.nan) for i, value in zip(top, highest))
     return result
 
 

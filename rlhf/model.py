@@ -51,6 +51,8 @@ class RlhfConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         reward_mean: float = 0.0,
         reward_std: float = 1.0,
+        folded_reward_mean: float | None = None,
+        folded_reward_std: float | None = None,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -71,9 +73,14 @@ class RlhfConfig(PretrainedConfig):
         self.dropout = dropout  # embeddings, attention probabilities and residual branches alike
         self.layer_norm_epsilon = layer_norm_epsilon
         self.initializer_range = initializer_range
-        # Reward normalisation (set by the reward stage): normalised = (raw - mean) / std.
+        # Reward normalisation: normalised = (head output - reward_mean) / reward_std. The reward stage
+        # folds its statistics into the score head instead (`normalise_score_head`), leaving 0 and 1
+        # here, and records them: the head outputs (trained head - folded_reward_mean) / folded_reward_std.
+        # Older reward models (no head bias) keep their statistics in reward_mean/std, folded_* None.
         self.reward_mean = reward_mean
         self.reward_std = reward_std
+        self.folded_reward_mean = folded_reward_mean
+        self.folded_reward_std = folded_reward_std
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         kwargs.setdefault("num_labels", 1)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -311,12 +318,16 @@ class RlhfForSequenceClassification(RlhfPreTrainedModel):
 
     `logits` is the value at each row's last non-pad token, which is what TRL's `RewardTrainer`
     and transformers' sequence-classification tooling read. PPO's value model reads `token_scores`.
+    The head's bias carries the folded normalisation (`normalise_score_head`); models saved before
+    it had one load with bias 0, which scores as they did.
     """
+
+    _keys_to_ignore_on_load_missing = [r"^score\.bias$"]
 
     def __init__(self, config: RlhfConfig):
         super().__init__(config)
         self.transformer = RlhfModel(config)
-        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.score = nn.Linear(config.n_embd, config.num_labels)
         self.post_init()
 
     def forward(
@@ -341,10 +352,23 @@ class RlhfForSequenceClassification(RlhfPreTrainedModel):
         return ScalarHeadOutput(loss=loss, logits=logits, token_scores=token_scores)
 
 
+@torch.no_grad()
+def normalise_score_head(model: RlhfForSequenceClassification, mean: float, std: float) -> None:
+    """Fold `(score - mean) / std` into the score head (weight / std, bias (bias - mean) / std), so the
+    model outputs normalised scores; `folded_reward_mean/std` record the map from the trained head."""
+    model.score.weight.div_(std)
+    model.score.bias.sub_(mean).div_(std)
+    folded_mean, folded_std = model.config.folded_reward_mean or 0.0, model.config.folded_reward_std or 1.0
+    model.config.folded_reward_mean, model.config.folded_reward_std = folded_mean + mean * folded_std, folded_std * std
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout of `model` (embeddings, attention, residuals) to `p`; 0 turns it off."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
+    """Set the model's own dropout (embeddings, attention, residuals) to `p`; 0 turns it off.
+
+    PEFT adapters' dropout (`lora_dropout`, configured with the adapters) is left as it is.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" not in name.split("."):
             module.p = p
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "dropout"):

@@ -2,8 +2,9 @@
 
 The maths lives in `rlhf.ppo_math` (pure functions); this module wires it to models:
 `make_rollout` samples responses with our KV-cache engine and turns them into a `Rollout`
-(reference log-probs, normalised reward-model scores, values, KL-penalised rewards, whitened GAE
-advantages); `ppo_update` runs the clipped policy and value losses over reshuffled minibatches.
+(policy and reference log-probs recomputed by the update's own forward, reward-model scores
+normalised to the SFT policy's own PPO samples (`measure_score_normalisation`), values,
+KL-penalised rewards, whitened GAE advantages); `ppo_update` runs the clipped policy and value losses over reshuffled minibatches.
 
 Conventions: the policy's log-probabilities are those of the temperature-scaled logits it sampled
 from; `logits[:, P - 1 : -1]` predict the response tokens `sequences[:, P:]` (P = prompt width);
@@ -13,14 +14,16 @@ values are read at the same positions (the state before each response token).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from rlhf.distributed import all_sum, every_process
-from rlhf.generation import generate, left_pad
+from rlhf.generation import GenerationResult, generate, left_pad
+from rlhf.model import normalise_score_head
 from rlhf.ppo_math import (
     KL_ESTIMATORS,
     Rollout,
@@ -38,17 +41,41 @@ from rlhf.ppo_math import (
 from rlhf.training import gradients_finite
 
 
+MIN_NORMALISATION_SAMPLES = 16
+"""Fewer stopped responses than this and the score normalisation is measured over every response."""
+
+
+@dataclass
+class ScoreNormalisation:
+    """PPO's score: the reward model's normalised score rescaled, ``(score - mean) / std``, with the
+    mean and std of the SFT policy's own PPO samples (`measure_score_normalisation`). The identity
+    until measured."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    samples: int = 0
+    """Responses the figures come from (0: not measured)."""
+    responses: int = 0
+    """Responses sampled; `samples` of them stopped, or all if too few stopped."""
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B,) -> (B,)."""
+        return (scores - self.mean) / self.std
+
+
 @dataclass
 class PPOModels:
     policy: torch.nn.Module
     """Causal LM being trained (possibly a PEFT model)."""
     value: torch.nn.Module
-    """Scalar-head model trained alongside (initialised from the reward model)."""
+    """Scalar-head model trained alongside (initialised from the reward model; see `use_score_normalisation`)."""
     reward: torch.nn.Module
-    """Frozen reward model; its config holds the normalisation statistics."""
+    """Frozen reward model; its config holds the normalisation statistics of older models."""
     reference: torch.nn.Module | None
     """Frozen copy of the initial policy; None with LoRA (the policy with adapters disabled)."""
     tokenizer: Any
+    score_normalisation: ScoreNormalisation = field(default_factory=ScoreNormalisation)
+    """How PPO rescales the reward model's normalised scores (set by `use_score_normalisation`)."""
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,10 +98,15 @@ def reference_context(models: PPOModels):
 
 
 def response_logprobs(model, sequences, attention_mask, prompt_length: int, temperature: float):
-    """(log-probs (B, T), entropy (B, T)) of the response tokens under temperature-scaled logits."""
+    """(log-probs (B, T), entropy (B, T)) of the response tokens under temperature-scaled logits.
+
+    The entropy is only logged: it is computed without gradient (no graph through its (B, T, V) terms).
+    """
     logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, prompt_length - 1 : -1]  # (B, T, V)
     logits = logits.float() / temperature
-    return logprobs_from_logits(logits, sequences[:, prompt_length:]), entropy_from_logits(logits)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits.detach())
+    return logprobs_from_logits(logits, sequences[:, prompt_length:]), entropy
 
 
 def response_values(value_model, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
@@ -87,6 +119,53 @@ def normalised_scores(reward_model, sequences, attention_mask) -> torch.Tensor:
     """Reward-model scores (B,) at each sequence's last real token, normalised to the SFT policy's statistics."""
     raw = reward_model(input_ids=sequences, attention_mask=attention_mask).logits[:, 0].float()
     return (raw - reward_model.config.reward_mean) / reward_model.config.reward_std
+
+
+def use_score_normalisation(models: PPOModels, normalisation: ScoreNormalisation) -> None:
+    """Score rollouts with `normalisation`, and fold into the value model's head every map from its
+    outputs to PPO's scores: its stored normalisation (older reward models; 0 and 1 otherwise), then
+    `normalisation`. The value model then starts on the scale of the returns it predicts. Once per run."""
+    models.score_normalisation = normalisation
+    value = unwrapped(models.value)
+    mean, std = value.config.reward_mean, value.config.reward_std
+    value.config.reward_mean, value.config.reward_std = 0.0, 1.0
+    normalise_score_head(value, mean, std)
+    normalise_score_head(value, normalisation.mean, normalisation.std)
+
+
+def sample_episodes(models: PPOModels, prompt_tokens: list[list[int]], config, generator: torch.Generator) -> GenerationResult:
+    """The policy's responses to token prompts, sampled as rollouts are (engine, temperature, max_new_tokens)."""
+    tokenizer, device = models.tokenizer, next(models.policy.parameters()).device
+    ids, mask = left_pad(prompt_tokens, tokenizer.pad_token_id, device)
+    policy = unwrapped(models.policy)  # generation steps differ between processes: no DDP collectives here
+    return generate(
+        policy, ids, mask, config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        temperature=config.temperature, generator=generator,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def measure_score_normalisation(models: PPOModels, prompt_tokens: list[list[int]], config, generator: torch.Generator
+                                ) -> ScoreNormalisation:  # fmt: skip
+    """Mean and (population) std of the reward model's normalised scores on the policy's responses to
+    `prompt_tokens`, sampled as rollouts are, `rollout_batch_size` prompts at a time: over the exact
+    token sequences of the responses that stopped (the others get `missing_eos_penalty`, not a score),
+    or of all if fewer than MIN_NORMALISATION_SAMPLES stopped; the identity with fewer than two
+    (no prompts: nothing sampled)."""
+    if not prompt_tokens:
+        return ScoreNormalisation()
+    stopped, every = [], []
+    for start in range(0, len(prompt_tokens), config.rollout_batch_size):
+        sample = sample_episodes(models, prompt_tokens[start : start + config.rollout_batch_size], config, generator)
+        scores = normalised_scores(models.reward, sample.sequences, sample.attention_mask)
+        every.append(scores)
+        stopped.append(scores[sample.stopped])
+    stopped, every = torch.cat(stopped), torch.cat(every)
+    scores = stopped if len(stopped) >= MIN_NORMALISATION_SAMPLES else every
+    if len(scores) < 2:
+        return ScoreNormalisation(responses=len(every))
+    std = scores.std(correction=0).item()
+    return ScoreNormalisation(scores.mean().item(), std if std > 0 else 1.0, samples=len(scores), responses=len(every))
 
 
 @torch.no_grad()
@@ -118,35 +197,35 @@ def make_rollout(
     from rlhf.responses import decode_responses
 
     tokenizer, device = models.tokenizer, next(models.policy.parameters()).device
-    policy = unwrapped(models.policy)  # generation steps differ between processes: no DDP collectives here
+    policy = unwrapped(models.policy)  # a no-grad pass: no DDP collectives (other processes' batches differ)
     clock = time.perf_counter()
 
-    # 1. Sample responses; the engine returns the sampling log-probabilities.
-    ids, mask = left_pad(prompt_tokens, tokenizer.pad_token_id, device)
-    sample = generate(
-        policy, ids, mask, config.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-        temperature=config.temperature, generator=generator,
-    )  # fmt: skip
+    # 1. Sample responses (the engine's own log-probabilities serve sampling only).
+    sample = sample_episodes(models, prompt_tokens, config, generator)
     sequences, attention, response_mask, P = sample.sequences, sample.attention_mask, sample.response_mask, sample.prompt_length
     generation_seconds = time.perf_counter() - clock
 
-    # 2. Score: normalised reward model, penalty for a missing stop token, programmatic rewards.
+    # 2. Score: the reward model (normalised, then rescaled to the SFT policy's PPO samples), a penalty
+    #    for a missing stop token, programmatic rewards.
     clock = time.perf_counter()
     rm_scores = normalised_scores(models.reward, sequences, attention)
-    scores = torch.where(sample.stopped, config.reward_model_weight * rm_scores, torch.full_like(rm_scores, config.missing_eos_penalty))
+    scores = torch.where(sample.stopped, config.reward_model_weight * models.score_normalisation(rm_scores),
+                         torch.full_like(rm_scores, config.missing_eos_penalty))
     responses = decode_responses(tokenizer, sample.responses, response_mask) if reward_functions or judge else []
     if reward_functions:
         for function in reward_functions:
             scores = scores + torch.tensor(function(prompt_texts, responses), dtype=scores.dtype, device=device)
 
-    # 3. Reference log-probabilities and values.
+    # 3. Policy and reference log-probabilities by the forward the update uses (the engine's KV-cache
+    #    path rounds differently: the first ratio would not be 1, nor the KL of an unchanged policy 0), and values.
+    logprobs, _ = response_logprobs(policy, sequences, attention, P, config.temperature)
     with reference_context(models) as reference:
         ref_logprobs, _ = response_logprobs(reference, sequences, attention, P, config.temperature)
     values = response_values(unwrapped(models.value), sequences, attention, P)
     scoring_seconds = time.perf_counter() - clock
 
     # 4. Per-token KL penalty, the score at the last token, then GAE advantages whitened over every process's batch.
-    kl = KL_ESTIMATORS[config.kl_estimator](sample.logprobs, ref_logprobs)
+    kl = KL_ESTIMATORS[config.kl_estimator](logprobs, ref_logprobs)
     rewards, non_score = kl_penalised_rewards(scores, kl, response_mask, beta)
     if config.whiten_rewards:
         rewards = whiten_across_processes(rewards, response_mask, shift_mean=False)
@@ -155,7 +234,7 @@ def make_rollout(
 
     rollout = Rollout(
         query_responses=sequences, attention_mask=attention, response_mask=response_mask,
-        logprobs=sample.logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
+        logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
         rewards=rewards, advantages=advantages, returns=returns, prompt_length=P,
     )  # fmt: skip
     kl_per_sequence = (kl * response_mask).sum(-1)
@@ -181,7 +260,8 @@ def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimiz
     `optimizer` holds both models' parameters (a group each). Under DDP the gradients are averaged
     over the processes on the last micro-batch of each optimizer step only. A step whose loss or
     gradients are NaN or inf on any process is skipped by all (see `optimizer_step`) and counted in
-    `nonfinite_steps`.
+    `nonfinite_steps`. The statistics are means over the micro-batches with a finite loss; every
+    process returns the same keys, NaN where no micro-batch was finite.
     """
     clock = time.perf_counter()
     totals: dict[str, list[float]] = {}
@@ -208,16 +288,17 @@ def ppo_update(models: PPOModels, rollout: Rollout, config, accelerator, optimiz
                     )
                     loss = (policy_loss + config.vf_coef * value_loss) / config.grad_accum
                     accelerator.backward(loss)  # even a NaN one: every DDP process must take part in each reduction
-                if not torch.isfinite(loss):
-                    finite = False
-                    continue
                 stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                          "entropy": masked_mean(entropy, batch.response_mask).item(), **policy_stats, **value_stats}  # fmt: skip
+                if not torch.isfinite(loss):  # its statistics count as missing (NaN), keeping every key
+                    finite = False
+                    stats = dict.fromkeys(stats, math.nan)
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(float(value))
             skipped += not optimizer_step(models, accelerator, optimizer, scheduler, config.max_grad_norm, finite)
-    result = {key: sum(values) / len(values) for key, values in totals.items()}
-    result["ratio_max"] = max(totals.get("ratio_max", []), default=float("nan"))
+    kept = {key: [v for v in values if not math.isnan(v)] for key, values in totals.items()}
+    result = {key: sum(values) / len(values) if values else math.nan for key, values in kept.items()}
+    result["ratio_max"] = max(kept["ratio_max"], default=math.nan)
     result["nonfinite_steps"] = skipped
     result["time_update"] = time.perf_counter() - clock
     return result

@@ -100,13 +100,18 @@ def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """Per-token k3 estimate ``(r - 1) - log r``, ``r = q/p = exp(ref - logp)``. (B, T) -> (B, T).
 
-    Schulman's low-variance unbiased estimator of KL(p || q) under samples of p; always >= 0.
+    Schulman's low-variance unbiased estimator of the *value* of KL(p || q) under samples of p;
+    always >= 0. For logging or a differentiated loss term only: as a detached per-token reward
+    (the KL penalty's path) its score-function gradient ``E_p[k3 * grad log p]`` is not
+    ``grad KL``, so it is not in ``KL_ESTIMATORS``.
     """
     log_r = ref_logprobs - logprobs
     return torch.expm1(log_r) - log_r
 
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k3": kl_k3}
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1}
+"""Per-token KL estimates usable as the detached reward penalty ``-beta * kl``: only k1, whose
+score-function gradient ``E_p[k1 * grad log p]`` is exactly ``grad KL(p || q)``."""
 
 
 def _last_index(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,7 +239,10 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019): steers the observed KL towards ``target``.
 
-    ``value`` is the current beta; ``horizon`` is in samples (episodes), as is ``n_steps``.
+    ``value`` is the current beta; ``horizon`` is in samples (episodes), as is ``n_steps``. The
+    proportional error is clipped to +-0.2, so one update multiplies beta by at most
+    ``1 +- 0.2 * n_steps / horizon`` and k updates by at most ``(1 +- 0.2 * n_steps / horizon)^k``:
+    a horizon much longer than the run's episodes leaves beta where it started.
     """
 
     value: float
@@ -283,7 +291,8 @@ class Rollout:
     response_mask: Tensor
     """(B, T) bool: True on real response tokens including the EOS, False after the stop."""
     logprobs: Tensor
-    """(B, T): policy log-probs of the response tokens at sampling, temperature-scaled."""
+    """(B, T): policy log-probs of the response tokens at sampling time, temperature-scaled, from the
+    same forward the update computes them with (so the first ratio is 1)."""
     ref_logprobs: Tensor
     """(B, T): reference (SFT) model log-probs of the same tokens, same temperature."""
     values: Tensor

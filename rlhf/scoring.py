@@ -2,8 +2,10 @@
 
 A response is rendered after its prompt with the chat template (exactly as the reward stage
 and PPO see it) and scored at its last token. Scores do not depend on batch size or padding.
-`normalised = (raw - reward_mean) / reward_std`, the statistics the reward stage stored in the
-model's config (mean 0, std 1 over the SFT policy's own responses).
+`normalised = (raw - reward_mean) / reward_std` from the model's config. The reward stage folds its
+statistics (mean 0, std 1 over the SFT policy's own responses) into the score head and leaves 0 and 1
+there, so a new model's raw scores are already normalised; older models (no head bias) keep their
+statistics in the config. Either way the normalised scores are the same.
 """
 
 from __future__ import annotations

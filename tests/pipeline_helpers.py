@@ -155,7 +155,7 @@ def write_tiny_rlhf(folder: Path, report: bool = True) -> Path:
             "reward": {"data": str(folder / "preferences.jsonl"), "max_steps": 3, "batch_size": 4, "eval_rows": 8,
                        "norm_prompts": 8, "norm_max_new_tokens": 8, **common, "save_every": 1},
             "ppo": {"prompts": str(folder / "ppo_prompts.jsonl"), "steps": PPO_STEPS, "rollout_batch_size": ROLLOUT,
-                    "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8, "save_every": 2,
+                    "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8, "save_every": 2, "norm_prompts": 32,
                     "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge"},
         },
     }  # fmt: skip

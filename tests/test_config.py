@@ -385,3 +385,30 @@ def test_bad_override_value_names_file_and_key(tmp_path, override, words) -> Non
     assert str(path) in message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+# ----------------------------------------------------------------------------- PPO settings
+
+PPO_MINIMAL = "stages:\n  ppo: {prompts: p.jsonl}\n"
+
+
+def test_kl_estimator_accepts_the_reward_path_estimators_and_refuses_k3(tmp_path) -> None:
+    """Only estimators whose gradient as a detached reward is the KL's are allowed (see
+    tests/test_ppo_math.py); 'k3' gets a one-line error saying why and what to use instead."""
+    from rlhf.ppo_math import KL_ESTIMATORS
+
+    path = write(tmp_path, PPO_MINIMAL)
+    for name in KL_ESTIMATORS:
+        assert load_pipeline(path, [f"stages.ppo.kl_estimator={name}"]).stages["ppo"].kl_estimator == name
+    message = config_error(path, ["stages.ppo.kl_estimator=k3"])
+    assert "stages.ppo" in message and "kl_estimator" in message and "biased" in message and "use 'k1'" in message
+    message = config_error(path, ["stages.ppo.kl_estimator=k2"])
+    assert "kl_estimator" in message and "'k2'" in message
+
+
+def test_norm_prompts_must_not_be_negative(tmp_path) -> None:
+    path = write(tmp_path, PPO_MINIMAL)
+    assert load_pipeline(path).stages["ppo"].norm_prompts == 256
+    assert load_pipeline(path, ["stages.ppo.norm_prompts=0"]).stages["ppo"].norm_prompts == 0
+    message = config_error(path, ["stages.ppo.norm_prompts=-1"])
+    assert "norm_prompts" in message and ">= 0" in message

@@ -115,6 +115,13 @@ def _reductions(rank: int) -> None:
     # Statistics: means over the processes, maxima where asked; flags from any or every process.
     stats = mean_over_processes({"kl": 1.0 + rank, "ratio_max": 2.0 + 3 * rank, "episodes": 8.0}, maxima=("ratio_max",))
     assert stats == {"kl": 1.5, "ratio_max": 5.0, "episodes": 8.0}
+    # A process whose every update was skipped holds NaN statistics, or none: the others' values stand,
+    # and no process waits in a reduction the other does not make.
+    nan = float("nan")
+    mine = [{"kl": 1.0, "policy_loss": 2.0, "ratio_max": 3.0, "entropy": nan}, {"kl": 3.0, "ratio_max": nan, "entropy": nan}][rank]
+    stats = mean_over_processes(mine, maxima=("ratio_max",))
+    assert stats.keys() == {"kl", "policy_loss", "ratio_max", "entropy"} and math.isnan(stats.pop("entropy"))
+    assert stats == {"kl": 2.0, "policy_loss": 2.0, "ratio_max": 3.0}
     assert any_process(rank == 1) and not every_process(rank == 1) and every_process(True)
 
     # The main process's result and its errors reach every process; the error is printed once.

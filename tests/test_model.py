@@ -81,6 +81,44 @@ def test_scalar_head_padding_invariance(side: str, tiny_config) -> None:
     assert len(set(round(v, 4) for v in out.logits.squeeze(-1).tolist())) == len(rows)
 
 
+def test_score_head_loads_without_a_bias_as_saved_before_it_had_one(tmp_path, tiny_config) -> None:
+    """Reward models saved before the score head had a bias load with bias 0: the same scores, silently."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    old = randomize_(RlhfForSequenceClassification(tiny_config)).eval()
+    with torch.no_grad():
+        old.score.bias.zero_()  # what the bias-free head computed
+    old.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["score.bias"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.score.bias.tolist() == [0.0]
+    ids = torch.randint(0, tiny_config.vocab_size, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).token_scores, old(ids).token_scores, atol=1e-6, rtol=0)
+
+
+def test_normalise_score_head_folds_the_affine_map_and_records_it(tiny_config) -> None:
+    from rlhf.model import normalise_score_head
+
+    torch.manual_seed(0)
+    model = randomize_(RlhfForSequenceClassification(tiny_config)).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (3, 7))
+    with torch.no_grad():
+        before = model(ids).token_scores
+        normalise_score_head(model, 0.5, 2.0)
+        torch.testing.assert_close(model(ids).token_scores, (before - 0.5) / 2.0, atol=1e-6, rtol=0)
+        assert (model.config.folded_reward_mean, model.config.folded_reward_std) == (0.5, 2.0)
+        # A second map composes: ((s - 0.5) / 2 - 1) / 4 = (s - (0.5 + 1 * 2)) / (2 * 4).
+        normalise_score_head(model, 1.0, 4.0)
+        torch.testing.assert_close(model(ids).token_scores, (before - 2.5) / 8.0, atol=1e-6, rtol=0)
+        assert (model.config.folded_reward_mean, model.config.folded_reward_std) == (2.5, 8.0)
+    assert (model.config.reward_mean, model.config.reward_std) == (0.0, 1.0), "nothing left to apply after the head"
+
+
 def test_scalar_head_labels_give_mse(tiny_config) -> None:
     torch.manual_seed(0)
     model = randomize_(RlhfForSequenceClassification(tiny_config)).eval()
@@ -207,6 +245,19 @@ def test_set_dropout() -> None:
     torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
+def test_set_dropout_leaves_lora_dropout_alone() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(RlhfForCausalLM(make_config(dropout=0.1)),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.3, target_modules=["c_attn", "c_fc"]))  # fmt: skip
+    set_dropout(model, 0.0)
+    lora = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in name}
+    own = [m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and ".lora_dropout." not in name]
+    assert len(lora) == 2 * model.config.n_layer and set(lora.values()) == {0.3}, "the adapters' dropout is as configured"
+    assert own and set(own) == {0.0}
+
+
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}], ids=["default", "reentrant"])
 def test_gradient_checkpointing_matches(kwargs, tiny_config) -> None:
     torch.manual_seed(0)
@@ -311,6 +362,6 @@ def test_lora_scalar_head_trains_adapters_and_score(tiny_config) -> None:
     lora = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
     assert len(lora) == 2 * 4 * 2
     saved = {n for n in trainable if "modules_to_save" in n and "score" in n}
-    assert len(saved) == 1
+    assert len(saved) == 2, "the score head's weight and bias"
     assert trainable == lora | saved
     assert changed == lora | saved  # the original score copy and the backbone are untouched

@@ -93,16 +93,46 @@ def test_kl_estimators_by_hand():
     close(kl_k3(logp, logq), [0.1931])
     close(kl_k3(logq, logp), [2 - 1 - math.log(2)])       # r = 2: (2-1) - log 2 = 0.3069
     close(kl_k1(logq, logp), [-math.log(2)])              # k1 may be negative
-    assert set(KL_ESTIMATORS) == {"k1", "k3"}
-    assert KL_ESTIMATORS["k1"] is kl_k1 and KL_ESTIMATORS["k3"] is kl_k3
+    assert KL_ESTIMATORS == {"k1": kl_k1}, "only k1 is a KL penalty whose gradient is the KL's (below)"
 
 
 def test_kl_k3_non_negative_and_zero_when_equal():
     torch.manual_seed(0)
     logp, logq = torch.randn(5, 6) * 3, torch.randn(5, 6) * 3
     assert torch.all(kl_k3(logp, logq) >= 0)
-    for estimator in KL_ESTIMATORS.values():
+    for estimator in (*KL_ESTIMATORS.values(), kl_k3):
         assert torch.all(estimator(logp, logp) == 0)
+
+
+def exact_reward_gradient(logits: torch.Tensor, ref_logp: torch.Tensor, estimator) -> torch.Tensor:
+    """``E_pi[k(a) * grad log pi(a)]`` exactly: every outcome a of the categorical pi = softmax(logits),
+    weighted by its probability, k(a) detached (as the KL penalty enters PPO's reward)."""
+    logp = torch.log_softmax(logits, -1)
+    k = estimator(logp, ref_logp).detach()
+    surrogate = (logp.exp().detach() * k * logp).sum()
+    (gradient,) = torch.autograd.grad(surrogate, logits)
+    return gradient
+
+
+def test_k1_as_a_detached_reward_has_the_exact_kl_gradient():
+    """PPO penalises a per-token KL estimate k as a detached reward, so what it follows is the
+    score-function gradient E_pi[k * grad log pi]. For k1 = log pi - log ref that equals grad KL(pi || ref)
+    exactly: grad KL = sum_a grad pi(a) (log pi(a) - log ref(a)) + sum_a grad pi(a), and the last sum is
+    grad 1 = 0. For k3 = (r - 1) - log r it does not: E[k3 * grad log pi] = sum_a grad pi(a) (ref/pi - log ref/pi)
+    is another vector (on this distribution near the reference, many times too small and pointing
+    elsewhere), which is why k3 is not in KL_ESTIMATORS (and the config refuses it)."""
+    ref_logp = torch.log_softmax(t([0.3, -1.2, 0.8, 0.0, -0.4, 1.1]), -1)  # 6 outcomes
+    logits = (ref_logp + t([0.2, -0.1, 0.05, -0.3, 0.25, 0.0])).requires_grad_()  # pi near the reference
+    logp = torch.log_softmax(logits, -1)
+    exact_kl = (logp.exp() * (logp - ref_logp)).sum()
+    (kl_gradient,) = torch.autograd.grad(exact_kl, logits)
+    assert kl_gradient.abs().max() > 1e-3, "a gradient worth comparing"
+    close(exact_reward_gradient(logits, ref_logp, KL_ESTIMATORS["k1"]), kl_gradient, atol=1e-12)
+
+    k3_gradient = exact_reward_gradient(logits, ref_logp, kl_k3)
+    cosine = torch.nn.functional.cosine_similarity(k3_gradient, kl_gradient, dim=0)
+    assert not torch.allclose(k3_gradient, kl_gradient, atol=1e-3), "k3 as a reward would not follow grad KL"
+    assert cosine < 0.9 and k3_gradient.norm() < kl_gradient.norm() / 2, f"cosine {cosine:.3f}"
 
 
 def test_kl_penalised_rewards_by_hand():
@@ -260,6 +290,24 @@ def test_adaptive_kl_controller_by_hand():
     restored = AdaptiveKLController(value=1.0, target=1.0, horizon=1)
     restored.load_state_dict(state)
     assert restored == ctl
+
+
+def test_adaptive_kl_controller_steers_at_the_demo_settings():
+    """Over the shipped demo's PPO run (pipelines/demo.yaml, one process), a KL held at 0.3 x target
+    must lower beta by at least a factor 2, and one at 3 x target raise it by 2: a horizon far longer
+    than the run's episodes (10000 for 60 x 64) left beta within 8% of kl_coef."""
+    from pathlib import Path
+
+    from rlhf.config import load_pipeline
+
+    demo = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml").stages["ppo"]
+    assert demo.kl_target > 0, "the demo's beta is adaptive"
+    for ratio, bound in ((0.3, 0.5), (3.0, 2.0)):
+        ctl = AdaptiveKLController(value=demo.kl_coef, target=demo.kl_target, horizon=demo.kl_horizon)
+        for _ in range(demo.steps):
+            ctl.update(ratio * demo.kl_target, n_steps=demo.rollout_batch_size)
+        factor = ctl.value / demo.kl_coef
+        assert (factor <= bound) if ratio < 1 else (factor >= bound), f"KL at {ratio} x target: beta x {factor:.3f}"
 
 
 def test_fixed_kl_controller_never_changes():

@@ -79,13 +79,39 @@ def test_reward_metrics_and_stored_normalisation(base) -> None:
     assert metrics["eval_pairs"] == 8 and metrics["train_pairs"] == 40
     assert metrics["steps"] == 3 and math.isfinite(metrics["eval_margin"])
     stored = json.loads((base.run_dir / "reward" / "config.json").read_text(encoding="utf-8"))
-    assert stored["reward_mean"] == pytest.approx(metrics["reward_mean"])
-    assert stored["reward_std"] == pytest.approx(metrics["reward_std"])
-    assert math.isfinite(stored["reward_mean"]) and stored["reward_std"] > 0
+    assert stored.get("reward_mean", 0.0) == 0.0 and stored.get("reward_std", 1.0) == 1.0, "folded into the head"
+    assert stored["folded_reward_mean"] == pytest.approx(metrics["reward_mean"])
+    assert stored["folded_reward_std"] == pytest.approx(metrics["reward_std"])
+    assert math.isfinite(metrics["reward_mean"]) and metrics["reward_std"] > 0
     model = AutoModelForSequenceClassification.from_pretrained(base.run_dir / "reward")
     assert isinstance(model, RlhfForSequenceClassification) and model.config.num_labels == 1
-    assert model.config.reward_std == pytest.approx(metrics["reward_std"])
+    assert model.config.folded_reward_std == pytest.approx(metrics["reward_std"])
     assert "held-out pairwise accuracy" in base.out
+
+
+def test_reward_model_head_outputs_normalised_scores(base) -> None:
+    """The saved reward model scores the init policy's normalisation samples (re-drawn here as the stage
+    drew them) with mean 0 and std 1 straight from its head, and RewardScorer does not normalise again."""
+    import statistics
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.config import load_pipeline
+    from rlhf.responses import sample_responses
+    from rlhf.scoring import RewardScorer
+    from rlhf.stages.reward import read_inputs
+
+    config = load_pipeline(base.pipeline).stages["reward"]
+    prompts = [pair["prompt"] for pair in read_inputs(config)[0]]
+    random.Random(0).shuffle(prompts)  # the pipeline's seed
+    prompts = prompts[: config.norm_prompts]
+    policy = AutoModelForCausalLM.from_pretrained(base.run_dir / config.init)
+    tokenizer = AutoTokenizer.from_pretrained(base.run_dir / config.init)
+    responses = sample_responses(policy, tokenizer, prompts, config.norm_max_new_tokens, temperature=1.0, seed=0)
+    scorer = RewardScorer(base.run_dir / "reward", device="cpu")
+    raw = scorer.score(prompts, responses, normalised=False)
+    assert statistics.fmean(raw) == pytest.approx(0.0, abs=1e-5) and statistics.pstdev(raw) == pytest.approx(1.0, abs=1e-5)
+    assert scorer.score(prompts, responses) == raw
 
 
 def test_reward_accuracy_rescored_from_the_saved_model(base) -> None:
@@ -138,6 +164,21 @@ def test_ppo_logs_every_iteration(base) -> None:
         assert 0 < row["response_length"] <= 8 and 0 <= row["stopped"] <= 1 and 0 <= row["judge"] <= 1
         assert 0 <= row["clipfrac"] <= 1 and 0 <= row["value_clipfrac"] <= 1
     assert abs(rows[0]["kl"]) < 1e-5, "iteration 1 samples from the untouched policy: KL to the reference is 0"
+
+
+def test_ppo_normalises_scores_under_the_sft_policys_ppo_samples(base) -> None:
+    """Measured once before training, on 32 responses sampled as rollouts are: printed, in the first
+    metrics row and the stage's metrics, and kept in every checkpoint for a resumed run."""
+    rows = read_metrics(base.run_dir / "ppo")
+    metrics = read_manifest(base.run_dir / "ppo")["metrics"]
+    figures = {key: rows[0][key] for key in ("score_norm_mean", "score_norm_std", "score_norm_samples")}
+    assert 2 <= figures["score_norm_samples"] <= 32 and figures["score_norm_std"] > 0
+    assert {key: metrics[key] for key in figures} == figures
+    assert not any(key in row for row in rows[1:] for key in figures), "logged once, in the first row"
+    assert f"ppo: scores normalised over {figures['score_norm_samples']} of 32 SFT-policy responses" in base.out
+    state = json.loads((base.run_dir / "ppo" / "checkpoints" / "step-2" / "state.json").read_text())
+    saved = state["score_normalisation"]
+    assert (saved["mean"], saved["std"], saved["samples"], saved["responses"]) == (*figures.values(), 32)
 
 
 def test_ppo_saves_policy_value_and_evaluation(base) -> None:
@@ -248,6 +289,9 @@ def test_resumed_eval_metrics_equal_the_uninterrupted_run(base, resumed) -> None
     again = read_manifest(resumed.run_dir / "ppo")["metrics"]
     for key in ("eval_judge", "eval_kl", "eval_rm_score", "beta", "iterations"):
         assert again[key] == pytest.approx(original[key], abs=METRIC_ATOL), key
+    for key in ("score_norm_mean", "score_norm_std", "score_norm_samples"):
+        assert again[key] == original[key], f"{key}: the checkpoint's figures, not measured again"
+    assert "scores normalised over" not in resumed.out
 
 
 def test_resumed_manifest_keeps_the_sft_baseline(base, resumed) -> None:
@@ -256,6 +300,62 @@ def test_resumed_manifest_keeps_the_sft_baseline(base, resumed) -> None:
     baseline = sorted(key for key in original if key.endswith("_sft"))
     assert baseline, "the uninterrupted run reports the SFT baseline"
     assert {key: again.get(key) for key in baseline} == pytest.approx({key: original[key] for key in baseline}, abs=METRIC_ATOL)
+
+
+def test_checkpoint_keeps_the_fp16_gradient_scaler(tmp_path) -> None:
+    """Under fp16 the gradient scaler's scale and growth tracker are resumed, not restarted at 65536."""
+    import torch
+
+    from conftest import tiny_ppo_models
+    from rlhf.ppo_math import FixedKLController
+    from rlhf.stages.ppo import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
+
+    models = tiny_ppo_models()
+    optimizer = torch.optim.AdamW(list(models.policy.parameters()) + list(models.value.parameters()))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    state = {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 3}
+    scaler.load_state_dict(state)
+    save_checkpoint(tmp_path / "step-1", models, optimizer, schedule, scaler, FixedKLController(0.1), 1, None)
+    assert all((tmp_path / "step-1" / name).is_file() for name in CHECKPOINT_FILES)
+    resumed = torch.amp.GradScaler("cpu")
+    assert resumed.state_dict() != state
+    step, _ = load_checkpoint(tmp_path / "step-1", models, optimizer, schedule, resumed, FixedKLController(0.0))
+    assert step == 1 and resumed.state_dict() == state
+    # Without fp16 there is no scaler to save or restore.
+    save_checkpoint(tmp_path / "step-2", models, optimizer, schedule, None, FixedKLController(0.1), 2, None)
+    assert "scaler" not in torch.load(tmp_path / "step-2" / "optimizer.pt", weights_only=True)
+    assert load_checkpoint(tmp_path / "step-2", models, optimizer, schedule, None, FixedKLController(0.0))[0] == 2
+
+
+def reference_prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) -> list[int]:
+    """The stream as first written (one permutation rebuilt per position): resumed runs depend on it."""
+    indices = []
+    for position in range(chunk * batch, (chunk + 1) * batch):
+        epoch, offset = divmod(position, n_prompts)
+        permutation = list(range(n_prompts))
+        random.Random(seed * 7919 + epoch).shuffle(permutation)
+        indices.append(permutation[offset])
+    return indices
+
+
+def test_prompt_order_is_unchanged_and_shuffles_each_pass_once_per_call(monkeypatch) -> None:
+    import rlhf.stages.ppo as stage
+
+    for n, chunk, batch, seed in ((13, 0, 4, 3), (13, 3, 4, 3), (5, 2, 12, 0), (7, 11, 7, 9), (100, 1, 64, 1)):
+        assert stage.prompt_order(n, chunk, batch, seed) == reference_prompt_order(n, chunk, batch, seed)
+    shuffles = []
+
+    class CountingRandom(random.Random):
+        def shuffle(self, x):
+            shuffles.append(len(x))
+            return super().shuffle(x)
+
+    monkeypatch.setattr(stage.random, "Random", CountingRandom)
+    order = stage.prompt_order(100_000, 3, 64, 0)  # one pass: one shuffle, not one per batch position
+    assert len(order) == 64 and shuffles == [100_000]
+    shuffles.clear()
+    assert len(stage.prompt_order(10, 1, 12, 0)) == 12 and shuffles == [10, 10], "positions 12-23: passes 1 and 2"
 
 
 # ----------------------------------------------------------------------------- KL controller
@@ -374,4 +474,4 @@ def test_nan_losses_are_skipped_then_the_stage_stops(base, tmp_path, capsys, mon
     assert not (run_dir / "ppo" / "manifest.json").exists(), "a diverged stage never looks complete"
     rows = read_metrics(run_dir / "ppo")
     assert len(rows) == 1, "iteration 1 is logged; iteration 2 stops the stage"
-    assert rows[0]["nonfinite_steps"] > 0 and "policy_loss" not in rows[0], "every update of iteration 1 was skipped"
+    assert rows[0]["nonfinite_steps"] > 0 and math.isnan(rows[0]["policy_loss"]), "every update of iteration 1 was skipped"

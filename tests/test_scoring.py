@@ -113,6 +113,47 @@ def test_normalised_is_raw_minus_mean_over_std(scorer) -> None:
     assert normalised == pytest.approx([(r - MEAN) / STD for r in raw], abs=1e-9)
 
 
+def test_older_and_folded_reward_models_score_alike(reward_dir, tmp_path) -> None:
+    """A reward model saved before normalisation was folded into the head (no score bias, its statistics
+    in the config) and the same model as the reward stage now saves it (statistics folded into the head,
+    config 0 and 1) give the same normalised scores, through RewardScorer and PPO's `normalised_scores`
+    alike, and neither is normalised twice."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.model import normalise_score_head
+    from rlhf.ppo import normalised_scores
+    from rlhf.scoring import RewardScorer, render_conversation
+
+    older, folded = tmp_path / "older", tmp_path / "folded"
+    shutil.copytree(reward_dir, older)
+    weights = load_file(older / "model.safetensors")
+    del weights["score.bias"]
+    save_file(weights, older / "model.safetensors", metadata={"format": "pt"})
+    model = AutoModelForSequenceClassification.from_pretrained(older)
+    model.config.reward_mean, model.config.reward_std = 0.0, 1.0
+    normalise_score_head(model, MEAN, STD)
+    shutil.copytree(older, folded)  # the tokenizer
+    model.save_pretrained(folded)
+
+    rows = eval_rows(10)
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    old_scorer, new_scorer = RewardScorer(older, device="cpu"), RewardScorer(folded, device="cpu")
+    normalised = old_scorer.score(prompts, responses)
+    assert new_scorer.score(prompts, responses) == pytest.approx(normalised, abs=BATCH_ATOL)
+    assert new_scorer.score(prompts, responses, normalised=False) == new_scorer.score(prompts, responses), "folded: raw is normalised"
+    assert old_scorer.score(prompts, responses, normalised=False) != pytest.approx(normalised, abs=0.1)
+
+    tokenizer = old_scorer.tokenizer
+    for prompt, response, expected in zip(prompts, responses, normalised):
+        text = render_conversation(tokenizer, prompt, response)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][-old_scorer.model.config.n_positions :]])
+        for scorer in (old_scorer, new_scorer):
+            score = normalised_scores(scorer.model, ids, torch.ones_like(ids)).item()
+            assert score == pytest.approx(expected, abs=BATCH_ATOL)
+
+
 def test_string_prompt_equals_single_user_message(scorer) -> None:
     a = scorer.score(["What is 2 + 2?"], ["Sure! 4."])
     b = scorer.score([user("What is 2 + 2?")], [assistant("Sure! 4.")])

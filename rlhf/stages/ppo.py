@@ -2,11 +2,14 @@
 
 Models: the policy (from SFT), a frozen reference (the SFT model, or the LoRA policy with its
 adapters disabled), the frozen reward model (normalised scores) and a value model initialised
-from the reward model; dropout off everywhere. Each iteration: sample, score, compute
+from the reward model; dropout off everywhere. Before training, the SFT policy answers
+`norm_prompts` prompts exactly as rollouts sample, and the mean and std of the reward model's
+scores on those that stopped normalise PPO's scores; the same map is folded into the value
+model's head, so it starts on the scale of its targets. Each iteration: sample, score, compute
 KL-penalised rewards and GAE advantages, then several epochs of clipped updates (see
-`rlhf.ppo`). Checkpoints hold both models, the optimizer and its schedule, the KL controller
-and the iteration; sampling and shuffling are seeded per iteration, so a resumed run follows
-the same curve.
+`rlhf.ppo`). Checkpoints hold both models, the optimizer, its schedule and fp16's gradient
+scaler, the KL controller, the score normalisation and the iteration; sampling and shuffling are
+seeded per iteration, so a resumed run follows the same curve.
 
 Under torchrun every process samples its own share of each iteration's prompts with its own seeds;
 advantages are whitened, the KL controller steered and the metrics averaged over all of them
@@ -15,6 +18,7 @@ advantages are whitened, the KL controller steered and the metrics averaged over
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -30,6 +34,8 @@ DATA_PARALLEL = True
 CHECKPOINT_FILES = ("policy.safetensors", "value.safetensors", "optimizer.pt", "state.json")
 RANK_SEED_STRIDE = 2**40
 """Added per process rank to the sampling and shuffling seeds: each process draws its own samples."""
+NORMALISATION_SEED = 2**62
+"""Added to the run's seed for the score-normalisation samples: apart from every iteration's seeds."""
 
 
 def upstream(config: PPOConfig) -> tuple[str, ...]:
@@ -73,12 +79,14 @@ def read_inputs(config: PPOConfig) -> PPOInputs:
 def prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) -> list[int]:
     """Indices of the `chunk`-th `batch` prompts of an endless stream, reshuffled every pass. Iteration
     `step` of process `rank` out of `world` takes chunk `step * world + rank`."""
+    permutations: dict[int, list[int]] = {}  # each pass's order, shuffled once per call (a batch spans one or two)
     indices = []
     for position in range(chunk * batch, (chunk + 1) * batch):
         epoch, offset = divmod(position, n_prompts)
-        permutation = list(range(n_prompts))
-        random.Random(seed * 7919 + epoch).shuffle(permutation)
-        indices.append(permutation[offset])
+        if epoch not in permutations:
+            permutations[epoch] = list(range(n_prompts))
+            random.Random(seed * 7919 + epoch).shuffle(permutations[epoch])
+        indices.append(permutations[epoch][offset])
     return indices
 
 
@@ -89,8 +97,9 @@ def scheduler(optimizer, config: PPOConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
 
-def save_checkpoint(folder: Path, models, optimizer, scheduler, controller, step: int, baseline: dict | None) -> None:
-    """Weights as safetensors, optimizer tensors via torch.save (read back with weights_only), state as JSON."""
+def save_checkpoint(folder: Path, models, optimizer, scheduler, scaler, controller, step: int, baseline: dict | None) -> None:
+    """Weights as safetensors, optimizer, schedule and fp16 gradient-scaler (`scaler`, None without
+    fp16) states via torch.save (read back with weights_only), the rest as JSON."""
     import torch
     from safetensors.torch import save_model
 
@@ -101,25 +110,33 @@ def save_checkpoint(folder: Path, models, optimizer, scheduler, controller, step
     temporary.mkdir(parents=True, exist_ok=True)
     save_model(unwrapped(models.policy), str(temporary / "policy.safetensors"))
     save_model(unwrapped(models.value), str(temporary / "value.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, temporary / "optimizer.pt")
-    state = {"step": step, "kl_controller": controller.state_dict(), "sft_evaluation": baseline}
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        states["scaler"] = scaler.state_dict()
+    torch.save(states, temporary / "optimizer.pt")
+    state = {"step": step, "kl_controller": controller.state_dict(), "sft_evaluation": baseline,
+             "score_normalisation": dataclasses.asdict(models.score_normalisation)}  # fmt: skip
     atomic_write_text(temporary / "state.json", json.dumps(state))
     temporary.rename(folder)  # a checkpoint folder exists only once complete
 
 
-def load_checkpoint(folder: Path, models, optimizer, scheduler, controller) -> tuple[int, dict | None]:
-    """Restore a checkpoint (every process reads the same one); returns (iteration, the SFT policy's held-out evaluation)."""
+def load_checkpoint(folder: Path, models, optimizer, scheduler, scaler, controller) -> tuple[int, dict | None]:
+    """Restore a checkpoint (every process reads the same one), the run's score normalisation included;
+    returns (iteration, the SFT policy's held-out evaluation)."""
     import torch
     from safetensors.torch import load_model
 
-    from rlhf.ppo import unwrapped
+    from rlhf.ppo import ScoreNormalisation, unwrapped, use_score_normalisation
 
+    state = json.loads((folder / "state.json").read_text())
+    use_score_normalisation(models, ScoreNormalisation(**state["score_normalisation"]))  # the value head's record; weights next
     load_model(unwrapped(models.policy), str(folder / "policy.safetensors"))
     load_model(unwrapped(models.value), str(folder / "value.safetensors"))
     states = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    state = json.loads((folder / "state.json").read_text())
+    if scaler is not None and "scaler" in states:
+        scaler.load_state_dict(states["scaler"])
     controller.load_state_dict(state["kl_controller"])
     return state["step"], state.get("sft_evaluation")
 
@@ -153,7 +170,7 @@ def run(ctx: StageContext) -> dict:
     from rlhf.errors import ArtifactError, TrainingDiverged
     from rlhf.evaluation import sample_policy
     from rlhf.model import set_dropout
-    from rlhf.ppo import PPOModels, make_rollout, ppo_update
+    from rlhf.ppo import PPOModels, make_rollout, measure_score_normalisation, ppo_update, use_score_normalisation
     from rlhf.ppo_math import AdaptiveKLController, FixedKLController
     from rlhf.responses import encode_prompts, prompt_text
     from rlhf.tokenizer import check_fits_model
@@ -196,7 +213,7 @@ def run(ctx: StageContext) -> dict:
             set_dropout(model, 0.0)
 
     # 2. One optimizer (a parameter group per model, so fp16's scaler unscales once per step), its
-    #    schedule and the KL controller; resume from the last checkpoint if any.
+    #    schedule and the KL controller; resume from the last checkpoint if any (its score normalisation too).
     updates_per_step = config.ppo_epochs * config.rollout_batch_size // (config.minibatch_size * config.grad_accum)
     total_updates = config.steps * updates_per_step
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.lr},
@@ -215,15 +232,31 @@ def run(ctx: StageContext) -> dict:
     start_step, before = 0, None
     last = on_main(lambda: latest_checkpoint(checkpoints, ctx.fingerprint, ctx.fresh))
     if last is not None:
-        start_step, before = load_checkpoint(last, models, optimizer, schedule, controller)
+        start_step, before = load_checkpoint(last, models, optimizer, schedule, accelerator.scaler, controller)
         print(f"ppo: resuming from {last} (iteration {start_step})")
     if is_main_process() and last is not None:
         truncate_metrics(out_dir, start_step)  # the iterations after the checkpoint are logged again
     elif is_main_process():
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     unwrapped = accelerator.unwrap_model(policy)
+    encoded = encode_prompts(tokenizer, prompts)
+    limit = unwrapped.config.n_positions - config.max_new_tokens
 
-    # 3. Evaluate the SFT policy on held-out prompts (same seed as the final evaluation).
+    # 3. A fresh run normalises PPO's scores under the SFT policy's own PPO samples (the main process
+    #    samples and measures; every process folds the same map into its value model's head).
+    if last is None:
+        chosen = prompt_order(len(prompts), 0, config.norm_prompts, ctx.seed)
+        generator = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + NORMALISATION_SEED)
+        with accelerator.autocast():
+            measured = on_main(lambda: measure_score_normalisation(models, [encoded[i][-limit:] for i in chosen], config, generator))
+        use_score_normalisation(models, measured)
+        if config.norm_prompts:
+            print(f"ppo: scores normalised over {measured.samples} of {measured.responses} SFT-policy responses to "
+                  f"PPO prompts (reward-model units: mean {measured.mean:.3f}, std {measured.std:.3f})")  # fmt: skip
+    norm = models.score_normalisation
+    norm_metrics = {"score_norm_mean": norm.mean, "score_norm_std": norm.std, "score_norm_samples": norm.samples}
+
+    # 4. Evaluate the SFT policy on held-out prompts (same seed as the final evaluation).
     def evaluate() -> dict:
         """Held-out means: normalised RM score, judge, KL to the reference (not with LoRA), length, stop share."""
         samples = sample_policy(unwrapped, tokenizer, eval_prompts, config.max_new_tokens, seed=ctx.seed,
@@ -238,16 +271,14 @@ def run(ctx: StageContext) -> dict:
     if eval_prompts and start_step == 0 and is_main_process():
         before = evaluate()
 
-    # 4. The PPO loop: rollout, update, log, checkpoint. Each process answers its own prompts.
+    # 5. The PPO loop: rollout, update, log, checkpoint. Each process answers its own prompts.
     episodes_per_step = config.rollout_batch_size * world_size()
-    encoded = encode_prompts(tokenizer, prompts)
-    limit = unwrapped.config.n_positions - config.max_new_tokens
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="ppo", unit="it",
                     disable=not is_main_process())
     diverged = 0  # iterations in a row whose every update was NaN or inf
     with GracefulStop("ppo") as stop:  # SIGINT/SIGTERM: finish the iteration, save a checkpoint, stop
         for step in progress:
-            # 4a. This process's share of the iteration's prompts, sampled and scored with its own seed.
+            # 5a. This process's share of the iteration's prompts, sampled and scored with its own seed.
             batch = prompt_order(len(prompts), step * world_size() + rank(), config.rollout_batch_size, ctx.seed)
             seed = ctx.seed * 1_000_003 + step + rank() * RANK_SEED_STRIDE
             with accelerator.autocast():
@@ -255,7 +286,7 @@ def run(ctx: StageContext) -> dict:
                     models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
                     config, controller.value, torch.Generator(device=device).manual_seed(seed), reward_functions, judge,
                 )  # fmt: skip
-            # 4b. Clipped policy and value updates over reshuffled minibatches; statistics averaged over processes.
+            # 5b. Clipped policy and value updates over reshuffled minibatches; statistics averaged over processes.
             stats.update(ppo_update(models, rollout, config, accelerator, optimizer, schedule, torch.Generator().manual_seed(seed)))
             stats = mean_over_processes(stats, maxima=("ratio_max",))
             diverged = diverged + 1 if stats["nonfinite_steps"] == updates_per_step else 0
@@ -265,9 +296,11 @@ def run(ctx: StageContext) -> dict:
                     f"ppo: {diverged} iterations in a row had only NaN/inf losses or gradients (iteration {step + 1}); "
                     f"stopped. Last good checkpoint: {kept or 'none'}; lower lr or check the reward model's scores"
                 )
-            # 4c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint.
+            # 5c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint.
             controller.update(stats["kl"], episodes_per_step)
             stats.update(step=step + 1, episodes=(step + 1) * episodes_per_step, lr=schedule.get_last_lr()[0])
+            if step == 0:
+                stats.update(norm_metrics)
             if is_main_process():
                 append_metrics(out_dir, stats)
             if stats["kl"] < -1e-3:
@@ -279,14 +312,16 @@ def run(ctx: StageContext) -> dict:
             due = (step + 1) % config.save_every == 0 and step + 1 < config.steps
             stopping = stop.requested()
             if due or stopping:
-                on_main(lambda: save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizer, schedule, controller, step + 1, before))
+                on_main(lambda: save_checkpoint(checkpoints / f"step-{step + 1}", models, optimizer, schedule, accelerator.scaler,
+                                                controller, step + 1, before))  # fmt: skip
             if stopping:
                 stop.exit(checkpoints / f"step-{step + 1}")
 
-    # 5. The main process evaluates on held-out prompts and saves the policy (adapters merged) and the value model.
+    # 6. The main process evaluates on held-out prompts and saves the policy (adapters merged) and the value model.
     if not is_main_process():
         return {}
-    metrics: dict = {"iterations": config.steps, "episodes": config.steps * episodes_per_step, "beta": controller.value}
+    metrics: dict = {"iterations": config.steps, "episodes": config.steps * episodes_per_step, "beta": controller.value,
+                     **norm_metrics}  # fmt: skip
     if eval_prompts:
         after = evaluate()
         metrics.update({f"eval_{name}": value_ for name, value_ in after.items()})

@@ -4,8 +4,10 @@ The scalar-head model starts from the `init` stage's backbone (SFT by default), 
 learns a Bradley-Terry loss (minus an optional per-pair margin; optional reward centring). A
 sequence's reward is the score at its last non-pad token. After training it reports held-out
 pairwise accuracy and mean margin, then normalises: the init policy answers training prompts,
-and the mean and standard deviation of their scores go into the saved config, so downstream
-scores are mean 0, std 1 under that policy (as in OpenAI's original RLHF work).
+and the mean and standard deviation of their scores are folded into the score head (weight / std,
+bias (bias - mean) / std), so the saved model's scores are mean 0, std 1 under that policy (as in
+OpenAI's original RLHF work) and a value model initialised from it starts on that scale. The
+config keeps reward_mean 0 and reward_std 1 and records the folded figures (folded_reward_mean/std).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def run(ctx: StageContext) -> dict:
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.distributed import is_main_process
-    from rlhf.model import set_dropout
+    from rlhf.model import normalise_score_head, set_dropout
     from rlhf.responses import sample_responses
     from rlhf.scoring import RewardScorer
     from rlhf.tokenizer import check_fits_model
@@ -123,7 +125,8 @@ def run(ctx: StageContext) -> dict:
     scorer = RewardScorer(out_dir)
     accuracy, margin = pair_accuracy(scorer, eval_pairs)
 
-    # 5. Normalise under the init policy's own responses to training prompts.
+    # 5. Normalise under the init policy's own responses to training prompts: fold the statistics into
+    #    the saved model's score head (the model as saved, reloaded by the scorer: sharding-proof).
     prompts = [p["prompt"] for p in train_pairs if "prompt" in p]
     if len(prompts) >= 2:
         random.Random(ctx.seed).shuffle(prompts)
@@ -135,18 +138,18 @@ def run(ctx: StageContext) -> dict:
     else:  # implicit text pairs: no prompts to answer, so normalise over the training texts
         raw = scorer.score([None] * len(train_pairs), [p["chosen"] for p in train_pairs], normalised=False)
         source = f"{len(raw)} chosen training texts"
-    model.config.reward_mean, model.config.reward_std = statistics.fmean(raw), statistics.pstdev(raw) or 1.0
-    model.config.save_pretrained(out_dir)
+    mean, std = statistics.fmean(raw), statistics.pstdev(raw) or 1.0
+    normalise_score_head(scorer.model, mean, std)
+    scorer.model.save_pretrained(out_dir)
 
     metrics = {
         "eval_accuracy": accuracy, "eval_margin": margin, "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
-        "too_long_pairs": too_long, "skipped_empty_pairs": skipped,
-        "reward_mean": model.config.reward_mean, "reward_std": model.config.reward_std,
+        "too_long_pairs": too_long, "skipped_empty_pairs": skipped, "reward_mean": mean, "reward_std": std,
         "train_seconds": round(seconds, 1), "steps": trainer.state.global_step,
     }  # fmt: skip
     print(
         f"reward: {metrics['steps']} steps in {seconds:.1f} s; held-out pairwise accuracy {accuracy:.3f} "
         f"on {len(eval_pairs)} pairs, mean margin {margin:.3f}; normalised over {source} "
-        f"(mean {model.config.reward_mean:.3f}, std {model.config.reward_std:.3f})"
+        f"(mean {mean:.3f}, std {std:.3f}, folded into the score head)"
     )
     return metrics
