@@ -149,6 +149,10 @@ class TrainingConfig(OptimizationConfig):
         _check(self.max_nonfinite_steps > 0, f"max_nonfinite_steps: must be positive, got {self.max_nonfinite_steps}")
 
 
+PACKINGS = ("wrapped", "documents")
+TXT_DOCUMENTS = ("file", "lines")
+
+
 @dataclass
 class PretrainConfig(TrainingConfig):
     data: list[str] = field(default_factory=list)
@@ -161,10 +165,20 @@ class PretrainConfig(TrainingConfig):
     """Column holding the text in tabular files (e.g. 'chosen' for hh-rlhf dialogues)."""
     exclude_last_rows: int = 0
     """Rows at the end of each tabular file left out (keep a later stage's test split unseen)."""
+    packing: str = "wrapped"
+    """'wrapped': documents joined by EOS into one stream cut into blocks of block_size (nanoGPT);
+    'documents': each document its own row, starting at position 0 (longer ones cut into blocks),
+    padded per batch. With learned positions, a corpus of short independent documents teaches
+    facts far faster when each starts where a prompt starts."""
+    txt_documents: str = "file"
+    """How a .txt file splits into documents: 'file' (the whole file is one) or 'lines' (each non-empty line)."""
 
     def __post_init__(self):
         super().__post_init__()
         _check(len(self.data) > 0, "data: give at least one file")
+        _check(self.packing in PACKINGS, f"packing: must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
+        _check(self.txt_documents in TXT_DOCUMENTS,
+               f"txt_documents: must be one of {', '.join(TXT_DOCUMENTS)}, got {self.txt_documents!r}")
         _check(0 <= self.block_size <= self.model.n_positions, "block_size: must be in [0, model.n_positions]")
 
 

@@ -93,8 +93,10 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_text_documents(paths: list[str], column: str = "text", exclude_last_rows: int = 0) -> list[str]:
-    """Documents for language modelling: a .txt file is one document; tabular files give one column.
+def read_text_documents(paths: list[str], column: str = "text", exclude_last_rows: int = 0,
+                        txt_lines: bool = False) -> list[str]:
+    """Documents for language modelling: a .txt file is one document (each non-empty line one with
+    `txt_lines`); tabular files give one column.
 
     hh-rlhf dialogue strings are kept as they are (their 'Human:'/'Assistant:' text is the corpus).
     """
@@ -107,7 +109,7 @@ def read_text_documents(paths: list[str], column: str = "text", exclude_last_row
             text = _open_text(path)
             if not text.strip():
                 raise DataError(f"{path}: empty file")
-            documents.append(text)
+            documents += [line for line in text.splitlines() if line.strip()] if txt_lines else [text]
             continue
         rows = read_rows(path)
         texts = []

@@ -298,3 +298,10 @@ def test_split_tail_needs_two_rows() -> None:
 
 def test_data_error_is_a_user_error() -> None:
     assert issubclass(DataError, UserError)
+
+
+def test_read_text_documents_by_line(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("one two\n\n  \nthree\r\nfour", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(jsonl([{"text": "doc one\nsame doc"}]), encoding="utf-8")
+    paths = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    assert read_text_documents(paths, txt_lines=True) == ["one two", "three", "four", "doc one\nsame doc"]

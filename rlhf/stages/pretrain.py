@@ -2,7 +2,9 @@
 
 The corpus is tokenized into one stream (documents separated by EOS); its last `eval_fraction`
 is held out, like nanoGPT's 90/10 split. TRL packs each part into fixed-length blocks ("wrapped"
-packing) and trains with the shared schedule, clipping and precision settings.
+packing) and trains with the shared schedule, clipping and precision settings. With `packing:
+documents` each document is instead a row of its own from position 0 (the last `eval_fraction` of
+the documents held out), padded per batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def inputs(config: PretrainConfig) -> list[str]:
 
 
 def read_inputs(config: PretrainConfig) -> list[str]:
-    return read_text_documents(config.data, config.text_column, config.exclude_last_rows)
+    return read_text_documents(config.data, config.text_column, config.exclude_last_rows, config.txt_documents == "lines")
 
 
 def token_stream(tokenizer, documents: list[str]) -> list[int]:
@@ -44,6 +46,28 @@ def blocks(stream: list[int], size: int) -> list[list[int]]:
     return [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
 
 
+def document_rows(tokenizer, documents: list[str], size: int) -> list[list[int]]:
+    """Rows for `packing: documents`: each document with its EOS, from position 0, cut into pieces of
+    at most `size` tokens."""
+    rows = []
+    for document in documents:
+        ids = tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows += [ids[i : i + size] for i in range(0, len(ids), size)]
+    return rows
+
+
+def split_rows(config: PretrainConfig, tokenizer, documents: list[str], size: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """(training rows, held-out rows, corpus tokens): the last `eval_fraction` of the corpus is held
+    out, as a tail of the token stream ('wrapped') or of the documents ('documents')."""
+    if config.packing == "documents":
+        rows = document_rows(tokenizer, documents, size)
+        held_out = max(1, int(len(rows) * config.eval_fraction))
+        return rows[:-held_out], rows[-held_out:], sum(map(len, rows))
+    stream = token_stream(tokenizer, documents)
+    held_out = max(size, int(len(stream) * config.eval_fraction))
+    return blocks(stream[:-held_out], size), blocks(stream[-held_out:], size), len(stream)
+
+
 def run(ctx: StageContext) -> dict:
     import torch
     from datasets import Dataset
@@ -59,12 +83,11 @@ def run(ctx: StageContext) -> dict:
     # 1. Read the corpus and the tokenizer; hold out the tail of the token stream.
     documents = read_inputs(config)
     tokenizer = AutoTokenizer.from_pretrained(ctx.upstream("tokenizer"))
-    stream = token_stream(tokenizer, documents)
-    held_out = max(block_size, int(len(stream) * config.eval_fraction))
-    train_blocks, eval_blocks = blocks(stream[:-held_out], block_size), blocks(stream[-held_out:], block_size)
+    train_blocks, eval_blocks, tokens = split_rows(config, tokenizer, documents, block_size)
     if not train_blocks or not eval_blocks:
-        raise DataError(f"{config.data[0]}: corpus too small: {len(stream)} tokens for blocks of {block_size}")
-    print(f"pretrain: {len(stream):,} tokens, {len(train_blocks):,} training blocks of {block_size}, {len(eval_blocks)} held out")
+        raise DataError(f"{config.data[0]}: corpus too small: {tokens} tokens for blocks of {block_size}")
+    unit = f"blocks of {block_size}" if config.packing == "wrapped" else f"documents (up to {block_size} tokens)"
+    print(f"pretrain: {tokens:,} tokens, {len(train_blocks):,} training {unit}, {len(eval_blocks)} held out")
     out_dir = ctx.begin()
 
     # 2. Build the model from scratch.
@@ -78,11 +101,9 @@ def run(ctx: StageContext) -> dict:
     model = RlhfForCausalLM(model_config)
     print(f"pretrain: model of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
-    # 3. Train on TRL's SFTTrainer: pre-tokenized rows, wrapped packing into fixed blocks.
-    args = trainer_arguments(
-        SFTConfig, config, out_dir, ctx.seed, has_eval=True,
-        max_length=block_size, packing=True, packing_strategy="wrapped",
-    )  # fmt: skip
+    # 3. Train on TRL's SFTTrainer: pre-tokenized rows, wrapped packing into fixed blocks or one document a row.
+    packing = {"packing": True, "packing_strategy": "wrapped"} if config.packing == "wrapped" else {"packing": False}
+    args = trainer_arguments(SFTConfig, config, out_dir, ctx.seed, has_eval=True, max_length=block_size, **packing)
     trainer = SFTTrainer(
         model=model,
         args=args,
