@@ -6,7 +6,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from rlhf.config import PretrainConfig
-
 from rlhf.stages.pretrain import blocks, document_rows, split_rows, token_stream
 
 
