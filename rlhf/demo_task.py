@@ -248,6 +248,10 @@ def all_requests() -> list[Request]:
 
 
 _REQUESTS = all_requests()
+_ARITH_REQUESTS = [r for r in _REQUESTS if r.kind == "arithmetic"]
+_LIST_REQUESTS = [r for r in _REQUESTS if r.kind == "listing"]
+ARITH_SHARE, LIST_SHARE = 0.5, 0.2
+"""Shares of the pretraining corpus's lines that state an arithmetic fact and a listing."""
 
 
 def _split(rng: random.Random) -> tuple[list[tuple[str, Request]], list[tuple[str, Request]]]:
@@ -274,15 +278,25 @@ def _with_article(noun: str) -> str:
 
 
 def _corpus_line(rng: random.Random) -> str:
-    """One line of plain pretraining prose (no chat markers)."""
-    req = rng.choice(_REQUESTS)
+    """One line of plain pretraining prose (no chat markers).
+
+    Half the lines state an arithmetic fact and a fifth a correct listing, so that the small model
+    learns the facts the reward model must later judge; the rest is varied prose.
+    """
+    kind = rng.random()
+    if kind < ARITH_SHARE:
+        req = rng.choice(_ARITH_REQUESTS)
+        body = answer_body(req)
+        return rng.choice((body, f"{question(req, rng.randrange(len(ARITH_TEMPLATES)))} {body}"))
+    if kind < ARITH_SHARE + LIST_SHARE:
+        req = rng.choice(_LIST_REQUESTS)
+        body = answer_body(req, rng.sample(CATEGORIES[req.category][1], req.count))
+        return rng.choice((body, f"{question(req, rng.randrange(len(LIST_TEMPLATES)))} {body}"))
     cat = rng.choice(list(CATEGORIES))
     item = rng.choice(CATEGORIES[cat][1])
     a, b = rng.randrange(10), rng.randrange(10)
-    body = answer_body(req, rng.sample(CATEGORIES[req.category][1], req.count) if req.count else None)
     article = "" if cat in ("colors", "drinks") else _with_article(item)[:-len(item)]
     lines = [
-        body, f"{question(req, 0)} {body}",
         f"{a} plus {b} is {a + b}.", f"{max(a, b)} minus {min(a, b)} is {max(a, b) - min(a, b)}.",
         f"The sum of {a} and {b} is {a + b}.", f"{article}{item} is {_with_article(CATEGORIES[cat][0])}.".capitalize(),
         f"{item.capitalize()} is one of the {cat}.",

@@ -9,6 +9,7 @@ import pytest
 
 from rlhf.demo_task import (
     DATA_FILES,
+    all_requests,
     gold_judge,
     judge_one,
     judge_parts,
@@ -126,3 +127,15 @@ def test_corpus_has_no_chat_markers() -> None:
     assert "Have a nice day." in text and "3 + 4 = 7." in text
     for marker in ("user", "assistant", "<|", "role"):
         assert marker not in text.lower()
+
+
+def test_corpus_states_every_arithmetic_fact_correctly() -> None:
+    """The pretraining corpus teaches each sum the reward model must later judge, and never a wrong one."""
+    import re
+
+    text = (SAMPLES / "corpus.txt").read_text(encoding="utf-8")
+    stated = re.findall(r"(?<![\d-])(\d) ([+-]) (\d) = (-?\d+)\.", text)
+    assert all(int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) for a, op, b, c in stated)
+    facts = {(r.a, r.op, r.b) for r in all_requests() if r.kind == "arithmetic"}
+    assert {(int(a), op, int(b)) for a, op, b, _ in stated} == facts
+    assert len(stated) >= 20 * len(facts)
