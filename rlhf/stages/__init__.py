@@ -13,6 +13,7 @@ its complete folder `<run_dir>/<stage>/`: once `run` returns, the pipeline write
 and swaps it in (`rlhf.artifacts.swap_in`). Until then the complete stage stays as it was, so a build
 that fails (an error, a NaN, Ctrl-C) loses nothing, and an interrupted build resumes from the
 checkpoints it saved in its staging folder.
+
 A module with `DATA_PARALLEL = True` runs on every process of a torchrun / `accelerate launch` run
 (each writing nothing but what the main process writes); the others run on the main process alone.
 """
