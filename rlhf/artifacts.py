@@ -3,11 +3,19 @@
     <run_dir>/<stage>/             save_pretrained layout (config, safetensors, tokenizer files)
     <run_dir>/<stage>/manifest.json stage, status, config, input and output hashes, times, metrics
     <run_dir>/<stage>/metrics.jsonl one JSON object per logged step
-    <run_dir>/<stage>/checkpoints/  resumable training state (the trainer's checkpoint-N folders)
+    <run_dir>/<stage>/checkpoints/  the training state its build saved (the trainer's checkpoint-N folders)
+    <run_dir>/.<stage>.building/    a build in progress, same layout; its checkpoints/ resume an interrupted build
+    <run_dir>/.<stage>.old/         a replaced stage folder, there only while a swap is under way
 
 A stage is complete when its manifest says so and every output still has its recorded hash.
 Everything is written to a temporary file and renamed, so a crash never leaves a half-written
 manifest. Artifacts are read as JSON and safetensors only.
+
+A stage is built as a transaction: `begin_build` gives it `.<stage>.building/` to write into, the
+manifest is written there last, and `swap_in` renames the old stage folder aside, the new one in,
+and deletes the old. A complete stage therefore stays complete and loadable until its replacement
+is complete; a build that fails leaves it exactly as it was. A crash in the middle of a swap leaves
+one of the states that `recover_swap` settles on the next run.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -110,9 +119,99 @@ def write_manifest(stage_dir: str | Path, manifest: dict) -> dict:
     return manifest
 
 
-def invalidate(stage_dir: str | Path) -> None:
-    """Mark a stage incomplete before rewriting its outputs."""
-    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+def is_complete(stage_dir: str | Path) -> bool:
+    manifest = read_manifest(stage_dir)
+    return bool(manifest and manifest.get("status") == "complete")
+
+
+def building_dir(run_dir: str | Path, stage: str) -> Path:
+    """Where stage `stage` is being (re)built; hidden, so that nothing reads it as a stage."""
+    return Path(run_dir) / f".{stage}.building"
+
+
+def aside_dir(run_dir: str | Path, stage: str) -> Path:
+    """Where a swap puts the stage folder it replaces, until the new one is in place."""
+    return Path(run_dir) / f".{stage}.old"
+
+
+def _sync_dir(folder: Path) -> None:
+    """Flush `folder`'s entries (renames) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def begin_build(run_dir: str | Path, stage: str) -> Path:
+    """The staging folder of a (re)build of `stage`, holding nothing but an interrupted build's
+    checkpoints and metrics (which the stage resumes or discards by their fingerprint).
+
+    A stage folder without a complete manifest (left by an interrupted build of an older version) is
+    taken over as the staging folder, so that its checkpoints resume too.
+    """
+    final, building = Path(run_dir) / stage, building_dir(run_dir, stage)
+    if not building.exists() and final.is_dir() and not is_complete(final):
+        os.rename(final, building)
+    building.mkdir(parents=True, exist_ok=True)
+    for path in building.iterdir():
+        if path.name in (CHECKPOINTS, METRICS):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return building
+
+
+def swap_in(run_dir: str | Path, stage: str) -> None:
+    """Replace the stage folder with its complete staging folder: rename the old one aside, the new
+    one in, delete the old. Each step is one rename, so every state a crash can leave holds one complete
+    stage folder (`recover_swap` settles it)."""
+    run_dir = Path(run_dir)
+    final, building, aside = run_dir / stage, building_dir(run_dir, stage), aside_dir(run_dir, stage)
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(building, final)
+    _sync_dir(run_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_swap(run_dir: str | Path, stage: str) -> None:
+    """Settle what a crash during `swap_in` (or before it, once the staging manifest was written) left:
+
+        .old and the stage folder      the swap ended: delete .old
+        .old, no stage folder          finish the swap with a complete staging folder, else put .old back
+        a complete staging folder      its manifest was written, the swap not begun: swap it in
+    """
+    run_dir = Path(run_dir)
+    final, building, aside = run_dir / stage, building_dir(run_dir, stage), aside_dir(run_dir, stage)
+    if aside.exists() and final.exists():
+        shutil.rmtree(aside)
+    if aside.exists():
+        os.rename(building if is_complete(building) else aside, final)
+        _sync_dir(run_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    if is_complete(building):
+        swap_in(run_dir, stage)
+
+
+def nonfinite_weights(stage_dir: str | Path) -> str | None:
+    """None if every floating-point tensor of the stage's *.safetensors outputs is finite, else the first
+    file and tensor that holds a NaN or inf."""
+    import torch
+    from safetensors import safe_open
+
+    stage_dir = Path(stage_dir)
+    for path in sorted(stage_dir.rglob("*.safetensors")):
+        if path.relative_to(stage_dir).parts[0] == CHECKPOINTS:
+            continue
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():
+                tensor = weights.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    return f"{path}: tensor {key} holds NaN or inf"
+    return None
 
 
 def append_metrics(stage_dir: str | Path, row: dict) -> None:

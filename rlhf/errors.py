@@ -18,4 +18,5 @@ class ArtifactError(UserError):
 
 
 class TrainingDiverged(Exception):
-    """Training produced only NaN or inf updates for too long; the last good checkpoint is kept."""
+    """Training produced only NaN or inf updates for too long, or final weights holding a NaN or inf;
+    the last good checkpoint and the stage's previous complete output are kept. The CLI exits 1."""

@@ -5,6 +5,11 @@ upstream stages' output hashes. A stage whose complete manifest records the same
 and whose outputs still match their hashes, is skipped; when an upstream stage's outputs change,
 every stage downstream of it runs again.
 
+A stage that runs is built beside its complete folder, in `<run_dir>/.<stage>.building/`; once it
+returns and its weights are finite, its manifest is written there and the folder is swapped in for
+the old one (`finish_stage`). A stage that fails leaves the old one complete and loadable, and the
+next unchanged run skips it; an interrupted build resumes from its staging folder's checkpoints.
+
 Under torchrun or `accelerate launch` every process runs the pipeline; the main process alone
 writes to the run directory (see `run_pipeline`).
 """
@@ -15,10 +20,13 @@ import contextlib
 import time
 from pathlib import Path
 
-from rlhf.artifacts import RunLock, now, read_manifest, sha256_file, sha256_json, verify_outputs, write_manifest
+from rlhf.artifacts import (
+    RunLock, aside_dir, building_dir, is_complete, nonfinite_weights, now, read_manifest, recover_swap, sha256_file,
+    sha256_json, swap_in, verify_outputs, write_manifest,
+)  # fmt: skip
 from rlhf.config import STAGE_ORDER, PipelineConfig, stage_config_dict
 from rlhf.distributed import is_main_process, on_main
-from rlhf.errors import ArtifactError, ConfigError, DataError
+from rlhf.errors import ArtifactError, ConfigError, DataError, TrainingDiverged
 from rlhf.stages import StageContext, stage_module
 
 
@@ -64,11 +72,6 @@ def fingerprint(config: PipelineConfig, name: str, run_dir: Path) -> tuple[str, 
     return sha256_json(facts), facts
 
 
-def is_complete(stage_dir: Path) -> bool:
-    manifest = read_manifest(stage_dir)
-    return bool(manifest and manifest.get("status") == "complete")
-
-
 def missing_upstream(run_dir: Path, parent: str) -> ArtifactError:
     return ArtifactError(f"{run_dir / parent}: upstream stage '{parent}' has not completed; run it first")
 
@@ -83,7 +86,8 @@ def check_inputs(config: PipelineConfig, stages: list[str], run_dir: Path) -> No
         except ConfigError as error:
             raise ConfigError(f"{config.source}: stages.{name}: {error}") from None
         for parent in module.upstream(config.stages[name]):
-            if parent not in stages and not is_complete(run_dir / parent):
+            # (a stage that a crash left in .<stage>.old is put back by `recover_swap`, under the lock)
+            if parent not in stages and not (is_complete(run_dir / parent) or is_complete(aside_dir(run_dir, parent))):
                 raise missing_upstream(run_dir, parent)
 
 
@@ -98,9 +102,8 @@ def check_artifacts(run_dir: Path, stages: list[str], forced: set[str]) -> None:
             raise ArtifactError(f"stage '{name}': {problem}; re-run it with: rlhf run ... --from {name}")
 
 
-def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str]) -> tuple[str, dict, bool] | None:
-    """(fingerprint, the facts it hashes, whether the stage had completed) if stage `name` must run;
-    None, saying so, if it is up to date."""
+def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str]) -> tuple[str, dict] | None:
+    """(fingerprint, the facts it hashes) if stage `name` must run; None, saying so, if it is up to date."""
     stage_fingerprint, facts = fingerprint(config, name, run_dir)
     manifest = read_manifest(run_dir / name)
     if name not in forced and manifest and manifest.get("status") == "complete" and manifest.get("fingerprint") == stage_fingerprint:
@@ -109,7 +112,17 @@ def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str])
     missing = [parent for parent, outputs in facts["upstream"].items() if outputs is None]
     if missing:
         raise missing_upstream(run_dir, missing[0])
-    return stage_fingerprint, facts, bool(manifest and manifest.get("status") == "complete")
+    return stage_fingerprint, facts
+
+
+def finish_stage(run_dir: Path, name: str, manifest: dict) -> None:
+    """Mark the staging folder of stage `name` complete and swap it in, unless its weights hold a NaN or inf."""
+    building = building_dir(run_dir, name)
+    problem = nonfinite_weights(building)
+    if problem:
+        raise TrainingDiverged(f"{name}: {problem}; not marked complete (the previous {name} output, if any, is kept)")
+    write_manifest(building, manifest)
+    swap_in(run_dir, name)
 
 
 @contextlib.contextmanager
@@ -126,29 +139,30 @@ def run_lock(run_dir: Path):
 
 def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | None = None, force: bool = False) -> None:
     """Run the planned stages in order. Under torchrun or `accelerate launch` every process calls this:
-    the main one checks the inputs, takes the lock, decides what runs and writes every manifest (its
-    decisions and errors reach the others through `on_main`); data-parallel stages (`DATA_PARALLEL =
-    True` in their module) run on every process, the others on the main one while the rest wait."""
+    the main one checks the inputs, takes the lock, decides what runs, writes every manifest and swaps
+    each built stage in (its decisions and errors reach the others through `on_main`, the others
+    waiting); data-parallel stages (`DATA_PARALLEL = True` in their module) run on every process, the
+    others on the main one while the rest wait."""
     run_dir = Path(config.run_dir)
     stages = plan(config, only, start)
     forced = set(stages) if force else ({*stages} if start else set())
     on_main(lambda: check_inputs(config, stages, run_dir))
     with run_lock(run_dir):
+        on_main(lambda: [recover_swap(run_dir, name) for name in STAGE_ORDER])
         on_main(lambda: check_artifacts(run_dir, stages, forced))
         for name in stages:
             decision = on_main(lambda: next_run(config, name, run_dir, forced))
             if decision is None:
                 continue
-            stage_fingerprint, facts, completed_before = decision
+            stage_fingerprint, facts = decision
             print(f"[{name}] running")
             started, clock = now(), time.perf_counter()
-            context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint,
-                                   fresh=completed_before, source=config.source)  # fmt: skip
+            context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint, source=config.source)
             module = stage_module(name)
             metrics = module.run(context) if getattr(module, "DATA_PARALLEL", False) else on_main(lambda: module.run(context))
             seconds = time.perf_counter() - clock
-            on_main(lambda: write_manifest(
-                run_dir / name,
+            on_main(lambda: finish_stage(
+                run_dir, name,
                 {"stage": name, "fingerprint": stage_fingerprint, **facts, "started": started,
                  "seconds": round(seconds, 1), "metrics": metrics, "pipeline": config.source},
             ))  # fmt: skip

@@ -214,15 +214,14 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
 
-def resume_point(stage_dir: Path, fingerprint: str, fresh: bool = False) -> str | None:
-    """The last checkpoint of an interrupted run with the same fingerprint, else None.
-
-    Checkpoints written under another config or other inputs, or by a run that completed (`fresh`),
-    are deleted rather than resumed.
+def resume_point(stage_dir: Path, fingerprint: str) -> str | None:
+    """The last checkpoint of an interrupted build (in the staging folder `stage_dir`) with the same
+    fingerprint, else None. Checkpoints written under another config or other inputs are deleted
+    rather than resumed; a completed build's checkpoints went with it into the stage folder.
     """
     root = stage_dir / CHECKPOINTS
     stamp = root / "fingerprint"
-    if root.is_dir() and (fresh or not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+    if root.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, fingerprint)
@@ -254,7 +253,7 @@ def train(trainer, ctx) -> float:
         trainer.add_callback(callback)
     started = time.perf_counter()
     with stop:
-        trainer.train(resume_from_checkpoint=on_main(lambda: resume_point(stage_dir, ctx.fingerprint, ctx.fresh)))
+        trainer.train(resume_from_checkpoint=on_main(lambda: resume_point(stage_dir, ctx.fingerprint)))
     if guard.diverged:
         raise TrainingDiverged(guard.diverged)
     if stop.received:

@@ -1,5 +1,5 @@
 """The artifact directory: atomic writes, manifests with output hashes, verification, metrics
-files and the per-run lock."""
+files, the per-run lock, and the stage transaction's swap, crash recovery and NaN check."""
 
 from __future__ import annotations
 
@@ -14,10 +14,15 @@ import pytest
 from rlhf.artifacts import (
     RunLock,
     append_metrics,
+    aside_dir,
     atomic_write_text,
+    building_dir,
+    nonfinite_weights,
     read_manifest,
     read_metrics,
+    recover_swap,
     sha256_file,
+    swap_in,
     truncate_metrics,
     verify_outputs,
     write_manifest,
@@ -205,3 +210,69 @@ def test_unreadable_lock_is_refused_with_a_hint(tmp_path) -> None:
 
 def test_artifact_error_is_a_user_error() -> None:
     assert issubclass(ArtifactError, UserError)
+
+
+# ----------------------------------------------------------------------------- the stage transaction
+
+
+def hashes(folder) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def complete_stage(folder, content: str) -> dict[str, str]:
+    folder.mkdir(parents=True)
+    (folder / "weights.bin").write_text(content)
+    write_manifest(folder, {"stage": "s"})
+    return hashes(folder)
+
+
+def test_recover_swap_settles_every_state_a_crash_can_leave(tmp_path) -> None:
+    final, building, aside = tmp_path / "s", building_dir(tmp_path, "s"), aside_dir(tmp_path, "s")
+
+    old = complete_stage(final, "old")  # nothing to do
+    recover_swap(tmp_path, "s")
+    assert hashes(final) == old
+
+    new = complete_stage(building, "new")  # the manifest was written, the swap not begun
+    recover_swap(tmp_path, "s")
+    assert hashes(final) == new and not building.exists() and not aside.exists()
+
+    final.rename(aside)  # the old one renamed aside, the new one's build not complete: put the old back
+    building.mkdir()
+    (building / "checkpoints").mkdir()
+    recover_swap(tmp_path, "s")
+    assert hashes(final) == new and not aside.exists() and (building / "checkpoints").is_dir()
+
+    final.rename(aside)  # the old one renamed aside, the new one complete: finish the swap
+    newer = complete_stage(tmp_path / "newer", "newer")
+    os.rmdir(building / "checkpoints")
+    os.rmdir(building)
+    (tmp_path / "newer").rename(building)
+    recover_swap(tmp_path, "s")
+    assert hashes(final) == newer and not aside.exists() and not building.exists()
+
+    aside.mkdir()  # the swap ended, deleting the old one did not
+    (aside / "half-deleted").write_text("x")
+    recover_swap(tmp_path, "s")
+    assert hashes(final) == newer and not aside.exists()
+
+
+def test_swap_in_replaces_the_stage_folder_and_leaves_nothing_aside(tmp_path) -> None:
+    complete_stage(tmp_path / "s", "old")
+    new = complete_stage(building_dir(tmp_path, "s"), "new")
+    swap_in(tmp_path, "s")
+    assert hashes(tmp_path / "s") == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_nonfinite_weights_names_the_file_and_tensor(tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(3), "steps": torch.arange(3)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    save_file({"a": torch.full((2,), float("nan"))}, str(tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors"))
+    assert nonfinite_weights(tmp_path) is None, "checkpoints are not outputs"
+    (tmp_path / "value").mkdir()
+    save_file({"b": torch.tensor([0.0, float("inf")])}, str(tmp_path / "value" / "model.safetensors"))
+    assert nonfinite_weights(tmp_path) == f"{tmp_path / 'value' / 'model.safetensors'}: tensor b holds NaN or inf"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.artifacts import read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
+from rlhf.artifacts import building_dir, read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
 from rlhf.config import load_pipeline, stage_config_dict
 
 from pipeline_helpers import add_trainer_callback, at_step, clone, run, run_killed, run_once, write_subsets, write_yaml
@@ -276,8 +276,8 @@ def test_ctrl_c_keeps_checkpoint_and_same_command_resumes(base, tmp_path, capsys
         code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain")
     assert code == 130 and "interrupted" in err
     assert not (run_dir / ".lock").exists(), "the lock is released on Ctrl-C"
-    assert read_manifest(run_dir / "pretrain") is None
-    checkpoints = run_dir / "pretrain" / "checkpoints"
+    assert read_manifest(run_dir / "pretrain") is None and read_manifest(building_dir(run_dir, "pretrain")) is None
+    checkpoints = building_dir(run_dir, "pretrain") / "checkpoints"
     assert (checkpoints / "checkpoint-3").is_dir() and not (checkpoints / "checkpoint-6").exists()
 
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain")
@@ -292,7 +292,7 @@ def test_sigkill_after_checkpoint_resumes_and_takes_over_the_stale_lock(base, tm
     holder = json.loads((run_dir / ".lock").read_text(encoding="utf-8"))
     assert holder["pid"] != os.getpid() and holder["host"] == socket.gethostname(), "the killed run left its lock"
     assert read_manifest(run_dir / "pretrain") is None
-    assert (run_dir / "pretrain" / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+    assert (building_dir(run_dir, "pretrain") / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
 
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain")
     assert code == 0, err
@@ -346,7 +346,7 @@ def test_signal_saves_a_checkpoint_and_the_same_command_resumes(base, tmp_path, 
         at_step(patch, "on_step_end", 4, lambda: signal.raise_signal(signum))
         code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain")
     name = signal.Signals(signum).name
-    checkpoint = run_dir / "pretrain" / "checkpoints" / "checkpoint-4"
+    checkpoint = building_dir(run_dir, "pretrain") / "checkpoints" / "checkpoint-4"
     assert code == 130, err[-3000:]
     assert f"{name} received" in err and f"pretrain: stopped by {name}; saved {checkpoint}" in err
     assert err.strip().splitlines()[-1].startswith("interrupted; "), "the CLI's last word says how to resume"
@@ -370,7 +370,7 @@ def test_sft_killed_at_a_random_step_resumes_to_the_same_weights(base, tmp_path,
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "sft")
     assert code == 0, err
     last = step - 1 if step > 2 else None  # the kill comes before step's own checkpoint
-    assert (f"resuming from {run_dir / 'sft' / 'checkpoints' / f'checkpoint-{last}'}" in out) if last else ("resuming from" not in out), f"killed at step {step}"
+    assert (f"resuming from {building_dir(run_dir, 'sft') / 'checkpoints' / f'checkpoint-{last}'}" in out) if last else ("resuming from" not in out), f"killed at step {step}"
     assert_same_weights(run_dir / "sft", base.run_dir / "sft")
     assert loss_steps(run_dir / "sft") == [1, 2, 3, 4], f"killed at step {step}: every step logged once"
 
@@ -429,18 +429,20 @@ def test_nonfinite_steps_are_skipped_and_counted(base, tmp_path, capsys, monkeyp
 
 def test_nonfinite_steps_in_a_row_stop_the_stage_with_the_last_checkpoint_intact(base, tmp_path, capsys, monkeypatch) -> None:
     run_dir = clone(base, tmp_path)
+    complete = snapshot(run_dir / "pretrain")
     setting = "stages.pretrain.max_nonfinite_steps=2"
     with monkeypatch.context() as patch:
         poison(patch, {4, 5, 6}, "loss", {})
         code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain", "--force", setting)
-    checkpoints = run_dir / "pretrain" / "checkpoints"
+    checkpoints = building_dir(run_dir, "pretrain") / "checkpoints"
     assert code == 1
     message = err.strip().splitlines()[-1]
     assert message.startswith("error: pretrain: 2 optimizer steps in a row had NaN/inf losses or gradients (step 5)"), message
     assert f"Last good checkpoint: {checkpoints / 'checkpoint-3'}" in message
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-3"], "nothing saved after the bad steps"
-    assert read_manifest(run_dir / "pretrain") is None, "a diverged stage never looks complete"
-    rows = read_metrics(run_dir / "pretrain")
+    assert read_manifest(building_dir(run_dir, "pretrain")) is None, "a diverged build never looks complete"
+    assert snapshot(run_dir / "pretrain") == complete, "the complete stage it was to replace is untouched"
+    rows = read_metrics(building_dir(run_dir, "pretrain"))
     assert [(row["step"], row["nonfinite_in_a_row"]) for row in rows if "nonfinite_steps" in row] == [(4, 1), (5, 2)]
     # The checkpoint is good: without the fault the same command resumes from it to the usual weights.
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "pretrain", setting)

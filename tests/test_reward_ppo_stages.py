@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
+from rlhf.artifacts import building_dir, read_manifest, read_metrics, verify_outputs
 from rlhf.cli import main
 
 from pipeline_helpers import PPO_STEPS, ROLLOUT, at_ppo_update, clone, run, run_killed
@@ -139,7 +139,7 @@ def test_reward_killed_at_a_random_step_resumes_to_the_same_model(base, tmp_path
     run_killed(base.pipeline, "--run-dir", run_dir, "--only", "reward", step=step)
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "reward")
     assert code == 0, err[-3000:]
-    resumed = f"resuming from {run_dir / 'reward' / 'checkpoints' / f'checkpoint-{step - 1}'}"
+    resumed = f"resuming from {building_dir(run_dir, 'reward') / 'checkpoints' / f'checkpoint-{step - 1}'}"
     assert (resumed in out) if step > 1 else ("resuming from" not in out), f"killed at step {step}"
     diff = max_weight_diff(run_dir / "reward" / "model.safetensors", base.run_dir / "reward" / "model.safetensors")
     assert diff <= WEIGHT_ATOL, f"killed at step {step}: max |diff| {diff:.3g} > atol {WEIGHT_ATOL}"
@@ -209,7 +209,8 @@ def test_ppo_saves_policy_value_and_evaluation(base) -> None:
 
 
 def interrupted_copy(base, tmp_path: Path) -> Path:
-    """A copy of the run as if PPO had been stopped after its step-2 checkpoint."""
+    """A copy of the run as if PPO had been stopped after its step-2 checkpoint (in the layout of an older
+    version, which built in the stage folder: the next build takes that folder over as its staging folder)."""
     run_dir = clone(base, tmp_path)
     ppo = run_dir / "ppo"
     (ppo / "manifest.json").unlink()
@@ -258,7 +259,7 @@ def test_sigterm_saves_a_checkpoint_after_the_iteration_and_resumes(base, tmp_pa
     with monkeypatch.context() as patch:
         at_ppo_update(patch, 3, lambda: signal.raise_signal(signal.SIGTERM))
         code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
-    checkpoint = run_dir / "ppo" / "checkpoints" / "step-3"
+    checkpoint = building_dir(run_dir, "ppo") / "checkpoints" / "step-3"
     assert code == 130 and f"ppo: stopped by SIGTERM; saved {checkpoint}" in err, err[-3000:]
     assert (checkpoint / "state.json").is_file() and read_manifest(run_dir / "ppo") is None
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
@@ -277,7 +278,7 @@ def test_ppo_killed_at_a_random_iteration_resumes_to_the_same_models(base, tmp_p
     run_killed(base.pipeline, "--run-dir", run_dir, "--only", "ppo", step=step, event="ppo_update")
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
     assert code == 0, err[-3000:]
-    resumed = f"resuming from {run_dir / 'ppo' / 'checkpoints' / 'step-2'}"
+    resumed = f"resuming from {building_dir(run_dir, 'ppo') / 'checkpoints' / 'step-2'}"
     assert (resumed in out) if step > 2 else ("resuming from" not in out), f"killed in iteration {step}"
     for model in ("model.safetensors", "value/model.safetensors"):
         diff = max_weight_diff(run_dir / "ppo" / model, base.run_dir / "ppo" / model)
@@ -465,13 +466,13 @@ def test_nan_losses_are_skipped_then_the_stage_stops(base, tmp_path, capsys, mon
 
     monkeypatch.setattr(rlhf.ppo, "policy_loss_clipped", nan_loss)
     run_dir = clone(base, tmp_path)
-    (run_dir / "ppo" / "manifest.json").unlink()
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo", "--force",
                          "stages.ppo.max_nonfinite_iterations=2")  # fmt: skip
     assert code == 1
     message = err.strip().splitlines()[-1]
     assert message.startswith("error: ppo: 2 iterations in a row had only NaN/inf") and "iteration 2" in message
-    assert not (run_dir / "ppo" / "manifest.json").exists(), "a diverged stage never looks complete"
-    rows = read_metrics(run_dir / "ppo")
+    assert not (building_dir(run_dir, "ppo") / "manifest.json").exists(), "a diverged build never looks complete"
+    assert read_manifest(run_dir / "ppo") == read_manifest(base.run_dir / "ppo"), "the complete stage is kept"
+    rows = read_metrics(building_dir(run_dir, "ppo"))
     assert len(rows) == 1, "iteration 1 is logged; iteration 2 stops the stage"
     assert rows[0]["nonfinite_steps"] > 0 and math.isnan(rows[0]["policy_loss"]), "every update of iteration 1 was skipped"

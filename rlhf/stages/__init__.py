@@ -7,6 +7,13 @@
     def run(ctx: StageContext) -> dict final metrics (kept in the manifest)
 
 and reads its upstream stages' outputs only through the artifact directory (`ctx.upstream`).
+
+A stage writes into `ctx.out_dir`, its staging folder `<run_dir>/.<stage>.building/`, never into
+its complete folder `<run_dir>/<stage>/`: once `run` returns, the pipeline writes the manifest there
+and swaps it in (`rlhf.artifacts.swap_in`). Until then the complete stage stays as it was, so a build
+that fails (an error, a NaN, Ctrl-C) loses nothing, and an interrupted build resumes from the
+checkpoints it saved in its staging folder.
+
 A module with `DATA_PARALLEL = True` runs on every process of a torchrun / `accelerate launch` run
 (each writing nothing but what the main process writes); the others run on the main process alone.
 """
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.artifacts import invalidate, read_manifest
+from rlhf.artifacts import begin_build, building_dir, read_manifest
 from rlhf.distributed import is_main_process
 from rlhf.errors import ArtifactError, ConfigError
 
@@ -32,14 +39,13 @@ class StageContext:
     seed: int
     fingerprint: str
     """Hash of config, inputs and upstream outputs: checkpoints from another fingerprint are not resumed."""
-    fresh: bool = False
-    """Re-running a stage that had completed (--force, --from): its checkpoints are discarded, not resumed."""
     source: str = ""
     """The pipeline YAML, named by errors about the stage's settings."""
 
     @property
     def out_dir(self) -> Path:
-        return self.run_dir / self.name
+        """The staging folder this build writes into (swapped in for `<run_dir>/<stage>` once complete)."""
+        return building_dir(self.run_dir, self.name)
 
     def upstream(self, stage: str) -> Path:
         """The output folder of a completed upstream stage."""
@@ -54,10 +60,10 @@ class StageContext:
         return ConfigError(f"{self.source}: stages.{self.name}.{key}: {problem}")
 
     def begin(self) -> Path:
-        """Called once the inputs are checked: from here the stage's old outputs are replaced."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        """Called once the inputs are checked: the staging folder, emptied of all but an interrupted
+        build's checkpoints and metrics (by the main process; the complete stage is not touched)."""
         if is_main_process():
-            invalidate(self.out_dir)
+            begin_build(self.run_dir, self.name)
         return self.out_dir
 
 

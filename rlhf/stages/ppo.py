@@ -141,14 +141,14 @@ def load_checkpoint(folder: Path, models, optimizer, scheduler, scaler, controll
     return state["step"], state.get("sft_evaluation")
 
 
-def latest_checkpoint(root: Path, fingerprint: str, fresh: bool = False) -> Path | None:
-    """The newest complete checkpoint written under the same fingerprint (others, or all when `fresh`, are removed)."""
+def latest_checkpoint(root: Path, fingerprint: str) -> Path | None:
+    """The newest complete checkpoint written under the same fingerprint (others are removed)."""
     import shutil
 
     from rlhf.artifacts import atomic_write_text
 
     stamp = root / "fingerprint"
-    if root.is_dir() and (fresh or not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+    if root.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, fingerprint)
@@ -230,7 +230,7 @@ def run(ctx: StageContext) -> dict:
                   if config.kl_target > 0 else FixedKLController(config.kl_coef))  # fmt: skip
     checkpoints = out_dir / CHECKPOINTS
     start_step, before = 0, None
-    last = on_main(lambda: latest_checkpoint(checkpoints, ctx.fingerprint, ctx.fresh))
+    last = on_main(lambda: latest_checkpoint(checkpoints, ctx.fingerprint))
     if last is not None:
         start_step, before = load_checkpoint(last, models, optimizer, schedule, accelerator.scaler, controller)
         print(f"ppo: resuming from {last} (iteration {start_step})")

@@ -113,7 +113,7 @@ def run(ctx: StageContext) -> dict:
     curves = [c for c in curves if c is not None]
 
     # 3. The page.
-    folder = out_dir.name
+    folder = ctx.name  # the page links the figures where the swap puts them
     page = [
         f"# RLHF run report: `{run_dir}`", "",
         f"Seed {ctx.seed}; written {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}.", "",
