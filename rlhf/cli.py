@@ -378,11 +378,11 @@ def input_error_message(error: Exception) -> str | None:
     import json
 
     if isinstance(error, OSError):
-        where = ": ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        where = error.filename2 if error.filename2 is not None else error.filename  # a rename or copy: name its target
         problem = error.strerror or str(error)
-        if isinstance(error, FileExistsError) and error.filename and Path(error.filename).is_file():
+        if isinstance(error, FileExistsError) and where and Path(where).is_file():
             problem = "is a file where a folder is needed"
-        return f"{where}: {problem}" if where else problem
+        return f"{where}: {problem}" if where is not None else problem
     if isinstance(error, json.JSONDecodeError):
         return f"invalid JSON: line {error.lineno}, column {error.colno}: {error.msg}"
     if isinstance(error, UnicodeDecodeError):

@@ -6,6 +6,7 @@ The layouts match name for name; GPT-2's `Conv1D` stores `(in, out)` weights whe
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -74,8 +75,12 @@ def convert_directory(src: str | Path, out: str | Path, to_gpt2: bool) -> None:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)
+        files = sorted(staging.iterdir())
+        for file in files:  # a folder in the way would stop the moves half-way
+            if (out / file.name).is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out / file.name))
         out.mkdir(exist_ok=True)
-        for file in sorted(staging.iterdir()):
+        for file in files:
             os.replace(file, out / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

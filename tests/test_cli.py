@@ -447,3 +447,12 @@ def test_version_without_torch() -> None:
     assert result.returncode == 0, result.stderr
     version, torch_loaded = result.stdout.split()[-2:]
     assert result.stdout.startswith("rlhf ") and torch_loaded == "False"
+
+
+def test_convert_failing_at_its_out_leaves_no_staging_folder(tiny_rlhf, tmp_path, capsys) -> None:
+    out = tmp_path / "gpt2"
+    (out / "config.json").mkdir(parents=True)  # the converted config cannot be moved in
+    assert main(["convert", "--to-gpt2", str(tiny_rlhf.run_dir / "sft"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"error: {out / 'config.json'}: Is a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"] and [p.name for p in out.iterdir()] == ["config.json"]
