@@ -56,25 +56,104 @@ def sha256_json(value: Any) -> str:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename over `path`."""
+    """Write to a temporary file in the same folder, flush to disk, then rename over `path`.
+    On failure (`path` a directory, a full disk, ...) the temporary file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
-def check_model_dir(path: str | Path, architecture: str, what: str) -> None:
-    """Refuse `path` unless it is a save_pretrained folder of `architecture` (e.g. RlhfForCausalLM)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
+CAUSAL_LM = "RlhfForCausalLM"
+REWARD_MODEL = "RlhfForSequenceClassification"
+GPT2 = "GPT2LMHeadModel"
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def check_model_dir(path: str | Path, architecture: str, what: str) -> dict:
+    """Refuse `path` unless it is a sound save_pretrained folder of `architecture`; return its config.
+
+    Every command that loads a model asks here first, so a bad folder is one `ArtifactError` naming the
+    file and the problem rather than a traceback from transformers: config.json must be a JSON object
+    naming `architecture` (e.g. RlhfForCausalLM), every safetensors file's header must read and hold
+    floating tensors, tokenizer.json (if any) must be a JSON object, and a completed stage of a run
+    directory must still match its manifest's hashes (checked first, so the error names the stage).
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not path.is_dir():
+        problem = "not a directory" if path.exists() else "no such directory"
+        raise ArtifactError(f"{path}: {problem}; expected {what}")
+    if not config_path.is_file():
         raise ArtifactError(f"{path}: not a model directory (no config.json); expected {what}")
-    found = json.loads(config.read_text()).get("architectures") or []
-    if architecture not in found:
-        raise ArtifactError(f"{path}: expected {what} ({architecture}), found {', '.join(found) or 'no architecture'}")
+    config = read_json_object(config_path)
+    found = config.get("architectures") or []
+    if not isinstance(found, list) or architecture not in found:
+        found_text = ", ".join(map(str, found)) if isinstance(found, list) else repr(found)
+        raise ArtifactError(f"{path}: expected {what} ({architecture}), found {found_text or 'no architecture'}")
+    manifest = read_manifest(path)
+    if manifest and manifest.get("status") == "complete":
+        problem = verify_outputs(path, manifest)
+        if problem:
+            stage = manifest.get("stage", path.name)
+            raise ArtifactError(f"{problem}; re-run the stage with `rlhf run --from {stage}`")
+    for weights in weight_files(path):
+        check_safetensors(weights)
+    if (path / "tokenizer.json").exists():
+        read_json_object(path / "tokenizer.json")
+    return config
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; errors name the file, the line and the problem."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ArtifactError(f"{path}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names; refuses a folder with neither."""
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.exists() or not index.is_file():
+        if not single.is_file():
+            raise ArtifactError(f"{single}: missing (the model's weights); the folder is incomplete")
+        return [single]
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ArtifactError(f"{index}: no 'weight_map' object")
+    return [model_dir / name for name in sorted(set(weight_map.values()))]
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors file's header (not its tensors): complete, and every tensor floating."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (the model's weights); the folder is incomplete")
+    try:
+        with safe_open(path, framework="numpy") as weights:
+            dtypes = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
+    except SafetensorError as error:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({error})") from None
+    if not dtypes:
+        raise ArtifactError(f"{path}: holds no tensors")
+    bad = {name: dtype for name, dtype in dtypes.items() if dtype not in FLOAT_DTYPES}
+    if bad:
+        name, dtype = next(iter(bad.items()))
+        raise ArtifactError(f"{path}: tensor {name!r} has dtype {dtype}; expected floating weights")
 
 
 def read_manifest(stage_dir: str | Path) -> dict | None:
@@ -232,7 +311,22 @@ def read_metrics(stage_dir: str | Path) -> list[dict]:
     path = Path(stage_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ArtifactError(f"{path}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ArtifactError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ArtifactError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def _process_alive(pid: int) -> bool:

@@ -29,34 +29,43 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    from rlhf.artifacts import CAUSAL_LM, GPT2, check_model_dir
     from rlhf.errors import UserError
 
-    source = Path(args.from_gpt2 or args.to_gpt2)
-    if not (source / "config.json").is_file():
-        raise UserError(f"{source}: not a save_pretrained model directory (no config.json)")
+    to_gpt2 = args.to_gpt2 is not None
+    source = Path(args.to_gpt2 if to_gpt2 else args.from_gpt2)
+    if to_gpt2:
+        check_model_dir(source, CAUSAL_LM, "one of our causal LMs (e.g. runs/demo/sft)")
+    else:
+        check_model_dir(source, GPT2, "a transformers GPT-2 model")
+    _check_out(args.out, directory=True)
     import rlhf.model  # noqa: F401
     from rlhf.convert import convert_directory
 
     try:
-        convert_directory(source, args.out, to_gpt2=args.to_gpt2 is not None)
+        convert_directory(source, args.out, to_gpt2=to_gpt2)
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
     print(f"wrote {args.out}")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from rlhf.artifacts import check_model_dir
+    from rlhf.artifacts import REWARD_MODEL, check_model_dir
     from rlhf.errors import UserError
 
-    check_model_dir(args.reward, "RlhfForSequenceClassification", "a reward model (the reward stage's output, e.g. runs/demo/reward)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.out and Path(args.out).suffix not in (".jsonl", ".csv"):
         raise UserError(f"{args.out}: output must end in .jsonl or .csv")
+    if args.out:
+        _check_out(args.out)
+    check_model_dir(args.reward, REWARD_MODEL, "a reward model (the reward stage's output, e.g. runs/demo/reward)")
+    from rlhf.data import read_rows
     from rlhf.scoring import RewardScorer, score_file, write_rows
 
+    rows = read_rows(args.data)  # a bad data file is refused before the model loads
     scorer = RewardScorer(args.reward, batch_size=args.batch_size)
-    rows, summary = score_file(scorer, args.data)
+    rows, summary = score_file(scorer, args.data, rows=rows)
     if args.out:
         write_rows(rows, args.out)
         print(f"wrote {len(rows)} rows to {args.out}")
@@ -69,21 +78,61 @@ def cmd_score(args: argparse.Namespace) -> None:
     print("(scores normalised to mean 0, std 1 under the SFT policy; raw scores in the *_raw columns)")
 
 
+def _check_out(out: str, directory: bool = False) -> None:
+    """Refuse an `--out` that cannot be written, before any work: a folder where a file goes, or the reverse."""
+    from rlhf.errors import UserError
+
+    path = Path(out)
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{out}: --out names an output directory, but this is a file")
+    if not directory and path.is_dir():
+        raise UserError(f"{out}: --out names an output file, but this is a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{out}: --out lies under {parent}, which is a file")
+            break
+
+
 def _sampling(args: argparse.Namespace) -> None:
+    """Check the sampling flags a command has, before any model is read."""
+    import math
+
     from rlhf.errors import UserError
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
     if getattr(args, "batch_size", 1) < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if getattr(args, "samples", 0) < 0:
+        raise UserError(f"--samples must be >= 0 (0: all), got {args.samples}")
+    if getattr(args, "top_k", 0) < 0:
+        raise UserError(f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    top_p = getattr(args, "top_p", 1.0)
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise UserError(f"--top-p must be in (0, 1] (1: off), got {top_p}")
+
+
+def _check_policy(args: argparse.Namespace, path: str) -> None:
+    """Check a policy folder (the one place: `check_model_dir`) and that --max-new-tokens fits its context."""
+    from rlhf.artifacts import CAUSAL_LM, check_model_dir
+    from rlhf.errors import ArtifactError, UserError
+
+    config = check_model_dir(path, CAUSAL_LM, "a policy (the pretrain, sft or ppo stage's output)")
+    context = config.get("n_positions")
+    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
+        raise ArtifactError(f"{Path(path) / 'config.json'}: n_positions must be an integer >= 2, got {context!r}")
+    if args.max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be less than the context of {path} ({context} tokens)")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from rlhf.compare import CompareSettings, compare_policies, format_table, write_comparison
 
     _sampling(args)
+    _check_out(args.out, directory=True)
     settings = CompareSettings(
         prompts=args.prompts, reward=args.reward, reference=args.reference, samples=args.samples, seed=args.seed,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
@@ -99,6 +148,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from rlhf.evaluation import evaluate_model, format_evaluation
 
     _sampling(args)
+    if args.out:
+        _check_out(args.out)
+    _check_policy(args, args.model)
     result = evaluate_model(args.model, args.data, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             seed=args.seed, batch_size=args.batch_size, samples=args.samples)  # fmt: skip
     print(format_evaluation(result))
@@ -120,25 +172,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _sampling(args)
     if (args.prompt is None) == (args.prompts is None):
         raise UserError("give --prompt TEXT or --prompts FILE")
+    if args.out:
+        _check_out(args.out)
     from rlhf.data import check_prompt_rows, read_rows
-    from rlhf.evaluation import load_policy
-    from rlhf.responses import prompt_text, sample_responses
 
     rows = [{"prompt": args.prompt}] if args.prompt is not None else read_rows(args.prompts)
     check_prompt_rows(args.prompts or "--prompt", rows)
+    _check_policy(args, args.model)
+    from rlhf.evaluation import load_policy
+    from rlhf.responses import prompt_text, sample_responses
+
     model, tokenizer = load_policy(args.model)
     prompts = [row["prompt"] for row in rows]
     responses = sample_responses(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed,
                                  top_k=args.top_k, top_p=args.top_p)  # fmt: skip
-    if args.prompt is not None:
-        print(responses[0])
-        return
-    lines = [json.dumps({"prompt": p, "response": r}, ensure_ascii=False) for p, r in zip(prompts, responses)]
     if args.out:
         from rlhf.artifacts import atomic_write_text
 
+        lines = [json.dumps({"prompt": p, "response": r}, ensure_ascii=False) for p, r in zip(prompts, responses)]
         atomic_write_text(args.out, "\n".join(lines) + "\n")
         print(f"wrote {len(lines)} responses to {args.out}")
+    elif args.prompt is not None:
+        print(responses[0])
     else:
         for prompt, response in zip(prompts, responses):
             print(f"> {prompt_text(prompt)}\n{response}\n")
@@ -146,6 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     _sampling(args)
+    _check_policy(args, args.model)
     from rlhf.evaluation import load_policy
     from rlhf.responses import encode_prompts, sample_responses
 
@@ -194,14 +250,28 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from rlhf.demo_task import write_data_samples
+    from rlhf.demo_task import DATA_FILES, write_data_samples
 
+    _check_out(args.out, directory=True)
+    for name in DATA_FILES:
+        _check_out(str(Path(args.out) / name))
     for name, path in write_data_samples(args.out, seed=args.seed).items():
         print(f"wrote {path}")
 
 
+def package_version() -> str:
+    """The installed distribution's version (importlib.metadata: no torch import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rlhf")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Staged RLHF for an in-house GPT decoder.")
+    parser.add_argument("--version", action="version", version=f"rlhf {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -278,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("model", metavar="MODEL", help="model directory (e.g. runs/demo/ppo)")
     generate.add_argument("--prompt", metavar="TEXT", help="one user message")
     generate.add_argument("--prompts", metavar="FILE", help="a prompt file ('prompt' column)")
-    generate.add_argument("--out", metavar="FILE", help="with --prompts: write JSONL rows {prompt, response}")
+    generate.add_argument("--out", metavar="FILE", help="write JSONL rows {prompt, response} instead of printing them")
     sampling_flags(generate, temperature=0.7, top=True)
     generate.set_defaults(handler=cmd_generate)
 
@@ -297,6 +367,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo_data)
     return parser
+
+
+def input_error_message(error: Exception) -> str | None:
+    """One line for an error that bad input (a file, a folder, its format) causes; None for a bug.
+
+    File-system errors, JSON and UTF-8 errors and safetensors' errors land here from any command.
+    (tokenizers raises a bare Exception, so `check_model_dir` reads tokenizer.json as JSON first.)
+    """
+    import json
+
+    if isinstance(error, OSError):
+        where = error.filename2 if error.filename2 is not None else error.filename  # a rename or copy: name its target
+        problem = error.strerror or str(error)
+        if isinstance(error, FileExistsError) and where and Path(where).is_file():
+            problem = "is a file where a folder is needed"
+        return f"{where}: {problem}" if where is not None else problem
+    if isinstance(error, json.JSONDecodeError):
+        return f"invalid JSON: line {error.lineno}, column {error.colno}: {error.msg}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    if type(error).__name__ == "SafetensorError":  # by name: importing safetensors here would slow every command
+        return f"not a readable safetensors file: {error}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         report(error)
         return 1
+    except Exception as error:  # the one boundary: a file or format problem is the user's to fix
+        message = input_error_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if is_main_process():
             print("interrupted; the last checkpoint is kept and the same command resumes from it", file=sys.stderr)

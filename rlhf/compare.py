@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.artifacts import check_model_dir, sha256_file
+from rlhf.artifacts import CAUSAL_LM, REWARD_MODEL, check_model_dir, sha256_file
 from rlhf.errors import UserError
 
 SAMPLES_SHOWN = 8
@@ -160,8 +160,10 @@ def compare_policies(policies: list[str], settings: CompareSettings, progress: b
     specs = [parse_policy(policy) for policy in policies]
     paths = list(dict.fromkeys(spec.path for spec in specs))
     for path in paths + ([settings.reference] if settings.reference else []):
-        check_model_dir(path, "RlhfForCausalLM", "a policy (pretrain, sft or ppo stage output)")
-    check_model_dir(settings.reward, "RlhfForSequenceClassification", "a reward model (the reward stage's output)")
+        context = check_model_dir(path, CAUSAL_LM, "a policy (pretrain, sft or ppo stage output)").get("n_positions")
+        if isinstance(context, int) and settings.max_new_tokens >= context:
+            raise UserError(f"--max-new-tokens {settings.max_new_tokens}: must be less than the context of {path} ({context} tokens)")
+    check_model_dir(settings.reward, REWARD_MODEL, "a reward model (the reward stage's output)")
     check_same_tokenizer(paths + [settings.reward] + ([settings.reference] if settings.reference else []))
     judge = load_function(settings.judge, "--judge") if settings.judge else None
     prompts, references, held_out = load_prompts(settings)

@@ -6,6 +6,8 @@ The layouts match name for name; GPT-2's `Conv1D` stores `(in, out)` weights whe
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -65,7 +67,20 @@ def convert_directory(src: str | Path, out: str | Path, to_gpt2: bool) -> None:
         converted = rlhf_to_gpt2(RlhfForCausalLM.from_pretrained(src))
     else:
         converted = gpt2_to_rlhf(GPT2LMHeadModel.from_pretrained(src))
-    converted.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+    # Written into a hidden sibling folder, then moved in file by file: a failure leaves `out` as it was.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        converted.save_pretrained(staging)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, staging / name)
+        files = sorted(staging.iterdir())
+        for file in files:  # a folder in the way would stop the moves half-way
+            if (out / file.name).is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out / file.name))
+        out.mkdir(exist_ok=True)
+        for file in files:
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -199,9 +199,9 @@ def load_policy(path, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
-    from rlhf.artifacts import check_model_dir
+    from rlhf.artifacts import CAUSAL_LM, check_model_dir
 
-    check_model_dir(path, "RlhfForCausalLM", "a policy (the pretrain, sft or ppo stage's output)")
+    check_model_dir(path, CAUSAL_LM, "a policy (the pretrain, sft or ppo stage's output)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), AutoTokenizer.from_pretrained(path)
 

@@ -66,10 +66,12 @@ def plot_stage(stage_dir: Path, out: Path) -> Path | None:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """`<run_dir>/plots/<stage>.png` for every stage that logged metrics."""
     run_dir = Path(run_dir)
+    stages = [stage for stage in STAGE_ORDER if (run_dir / stage / "metrics.jsonl").is_file()]
+    for stage in stages:  # every metrics file reads before the first plot is drawn: a bad one changes nothing
+        read_metrics(run_dir / stage)
     written = []
-    for stage in STAGE_ORDER:
-        if (run_dir / stage / "metrics.jsonl").is_file():
-            path = plot_stage(run_dir / stage, run_dir / "plots" / f"{stage}.png")
-            if path:
-                written.append(path)
+    for stage in stages:
+        path = plot_stage(run_dir / stage, run_dir / "plots" / f"{stage}.png")
+        if path:
+            written.append(path)
     return written

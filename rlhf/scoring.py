@@ -92,8 +92,9 @@ def summarise(values: list[float]) -> dict[str, float]:
     }  # fmt: skip
 
 
-def score_file(scorer: RewardScorer, data: str | Path, progress: bool = True) -> tuple[list[dict], dict]:
+def score_file(scorer: RewardScorer, data: str | Path, progress: bool = True, rows: list[dict] | None = None) -> tuple[list[dict], dict]:
     """Score every row of a data file: (output rows with the input columns plus scores, summary).
+    `rows`: the file's rows if already read (`rlhf score` reads them before loading the model).
 
     prompt + response rows get `score` (normalised) and `score_raw`; chosen/rejected rows get both
     sides' scores, and the summary adds pairwise accuracy.
@@ -101,7 +102,7 @@ def score_file(scorer: RewardScorer, data: str | Path, progress: bool = True) ->
     from rlhf.data import preference_pairs, read_rows
     from rlhf.errors import DataError
 
-    rows = read_rows(data)
+    rows = read_rows(data) if rows is None else rows
     first = rows[0]
     if "chosen" in first and "rejected" in first:
         pairs, skipped = preference_pairs(data, rows)

@@ -45,6 +45,18 @@ def clone(base, tmp_path: Path) -> Path:
     return target
 
 
+def snapshot(folder: Path) -> dict | None:
+    """Every file's (sha256, mtime) and every folder under `folder`; None if it does not exist."""
+    from rlhf.artifacts import sha256_file
+
+    if not folder.exists():
+        return None
+    return {
+        p.relative_to(folder).as_posix(): (sha256_file(p), p.stat().st_mtime_ns) if p.is_file() else "folder"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
 def write_subsets(folder: Path, lines: dict[str, int]) -> None:
     """The first `lines[name]` lines of each data_samples/ file `name`, written into `folder`."""
     for name, count in lines.items():

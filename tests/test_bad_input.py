@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import pytest
 
-from rlhf.artifacts import read_manifest, sha256_file, write_manifest
+from rlhf.artifacts import read_manifest, write_manifest
 
-from pipeline_helpers import ROOT, clone, run, run_once, write_subsets, write_yaml
+from pipeline_helpers import ROOT, clone, run, run_once, snapshot, write_subsets, write_yaml
 
 SAMPLES = ROOT / "data_samples"
 LINES = {"corpus.txt": 200, "sft.jsonl": 12, "preferences.jsonl": 12, "ppo_prompts.jsonl": 8, "eval.jsonl": 4}
@@ -54,16 +54,6 @@ def base(tmp_path_factory):
     finished = run_once(write_yaml(folder / "finished.yaml", pipeline_tree(folder, ("tokenizer", "pretrain"))), folder)
     finished.tree = pipeline_tree(folder, ("tokenizer", "pretrain", "sft", "reward", "ppo"))
     return finished
-
-
-def snapshot(run_dir: Path) -> dict | None:
-    """Every file's (sha256, mtime) and every folder under `run_dir`; None if it does not exist."""
-    if not run_dir.exists():
-        return None
-    return {
-        p.relative_to(run_dir).as_posix(): (sha256_file(p), p.stat().st_mtime_ns) if p.is_file() else "folder"
-        for p in sorted(run_dir.rglob("*"))
-    }
 
 
 # ----------------------------------------------------------------------------- the cases

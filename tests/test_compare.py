@@ -132,7 +132,7 @@ def test_parse_policy_reads_a_best_of_n_suffix() -> None:
     [
         (lambda b, t: [b.run_dir / "reward", "--reward", b.run_dir / "reward"], "expected a policy"),
         (lambda b, t: [b.run_dir / "sft", "--reward", b.run_dir / "sft"], "expected a reward model"),
-        (lambda b, t: [t / "nowhere", "--reward", b.run_dir / "reward"], "no config.json"),
+        (lambda b, t: [t / "nowhere", "--reward", b.run_dir / "reward"], "nowhere: no such directory"),
         (lambda b, t: [b.run_dir / "sft", "--reward", b.run_dir / "reward", "--judge", "rlhf.demo_task:nothing"], "cannot import"),
         (lambda b, t: [b.run_dir / "sft", "--reward", b.run_dir / "reward", "--max-new-tokens", "0"], "--max-new-tokens"),
         (lambda b, t: [f"{b.run_dir / 'sft'}@best-of-0", "--reward", b.run_dir / "reward"], "sft@best-of-0'"),
@@ -140,7 +140,7 @@ def test_parse_policy_reads_a_best_of_n_suffix() -> None:
         (lambda b, t: [b.run_dir / "sft", f"{b.run_dir / 'sft'}@worst-of-4", "--reward", b.run_dir / "reward"], "sft@worst-of-4'"),
         (lambda b, t: [f"{b.run_dir / 'sft'}@", "--reward", b.run_dir / "reward"], "sft@'"),
         (lambda b, t: ["@best-of-4", "--reward", b.run_dir / "reward"], "'@best-of-4'"),
-        (lambda b, t: [f"{t / 'nowhere'}@best-of-4", "--reward", b.run_dir / "reward"], "no config.json"),
+        (lambda b, t: [f"{t / 'nowhere'}@best-of-4", "--reward", b.run_dir / "reward"], "nowhere: no such directory"),
     ],
     ids=["reward-as-policy", "policy-as-reward", "missing-dir", "bad-judge", "zero-tokens", "best-of-0", "best-of-x",
          "worst-of", "empty-suffix", "no-path", "best-of-missing-dir"],
@@ -155,6 +155,7 @@ def test_bad_input_exits_2_with_one_line(base, tmp_path, capsys, change, message
 def test_a_different_tokenizer_is_refused(base, tmp_path, capsys) -> None:
     other = tmp_path / "other"
     shutil.copytree(base.run_dir / "sft", other)
+    (other / "manifest.json").unlink()  # a hand-made folder: no stage hashes to check first
     tokenizer = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer["added_tokens"][0]["content"] = "<|other|>"
     (other / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
