@@ -122,6 +122,22 @@ def test_lock_held_by_another_process_is_reported_and_left_alone(tiny_rlhf, tmp_
     assert snapshot(run_dir) == before
 
 
+def test_stale_lock_counts_as_free_and_is_left_alone(tiny_rlhf, tmp_path, capsys) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run_dir = clone(tiny_rlhf, tmp_path)
+    holder = {"pid": gone.pid, "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00"}
+    (run_dir / ".lock").write_text(json.dumps(holder), encoding="utf-8")
+    before = snapshot(run_dir)
+    code, out, err = run(capsys, tiny_rlhf.pipeline, "--run-dir", run_dir, "--dry-run")
+    assert code == 0, err
+    assert f"lock: {run_dir} is free" in out
+    assert snapshot(run_dir) == before, "the run takes a stale lock over; the dry run leaves it"
+
+
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys) -> None:
     pipeline = write_tiny_rlhf(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}, \n', encoding="utf-8")
@@ -132,3 +148,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys) -> No
         one_line_error(err)
         assert "plan for" not in out
     assert not (tmp_path / "run").exists() and snapshot(tmp_path) == before
+
+
+def test_interrupted_swap_is_named_and_not_settled(tiny_rlhf, tmp_path, capsys) -> None:
+    run_dir = clone(tiny_rlhf, tmp_path)
+    os.rename(run_dir / "report", run_dir / ".report.old")  # a crash between the swap's two renames
+    before = snapshot(run_dir)
+    code, out, err = run(capsys, tiny_rlhf.pipeline, "--run-dir", run_dir, "--dry-run")
+    assert code == 0, err
+    assert "report: a swap was interrupted; the run settles it first" in out
+    assert snapshot(run_dir) == before
