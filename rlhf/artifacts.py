@@ -348,6 +348,28 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK
 
+    def holder(self) -> dict | None:
+        """Who holds the lock ({} if its file is unreadable), or None if it is free: no lock file, or one
+        left by a dead process on this host (stale). Reads only: `rlhf run --dry-run` asks here."""
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return {}
+        if not isinstance(holder, dict):
+            return {}
+        same_host = holder.get("host") == socket.gethostname()
+        if same_host and isinstance(holder.get("pid"), int) and not _process_alive(holder["pid"]):
+            return None
+        return holder
+
+    def in_use(self, holder: dict) -> str:
+        return (
+            f"{self.path.parent}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"since {holder.get('since', '?')}; wait for it or delete {self.path} if that process is gone"
+        )
+
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
@@ -355,18 +377,11 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text(encoding="utf-8"))
-                except (json.JSONDecodeError, OSError):
-                    holder = {}
-                same_host = holder.get("host") == me["host"]
-                if same_host and isinstance(holder.get("pid"), int) and not _process_alive(holder["pid"]):
+                holder = self.holder()
+                if holder is None:
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
-                raise ArtifactError(
-                    f"{self.path.parent}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                    f"since {holder.get('since', '?')}; wait for it or delete {self.path} if that process is gone"
-                ) from None
+                raise ArtifactError(self.in_use(holder)) from None
             with os.fdopen(fd, "w") as handle:
                 json.dump(me, handle)
             return

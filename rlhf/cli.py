@@ -22,10 +22,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = load_pipeline(pipeline, args.overrides, run_dir=args.run_dir)
 
     from rlhf.distributed import quiet_unless_main
-    from rlhf.pipeline import run_pipeline  # torch and transformers load only if a stage runs
+    from rlhf.pipeline import describe_plan, run_pipeline  # torch and transformers load only if a stage runs
 
     with quiet_unless_main():  # under torchrun, rank 0 alone prints
-        run_pipeline(config, only=args.only, start=args.start, force=args.force)
+        if not args.dry_run:
+            run_pipeline(config, only=args.only, start=args.start, force=args.force)
+            return
+        lines, error = describe_plan(config, only=args.only, start=args.start, force=args.force)
+        print("\n".join(lines))
+        if error:
+            raise error
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -277,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="run a pipeline's stages (tokenizer, pretrain, sft, ...) through one artifact directory",
         description="Run a pipeline. Stages whose config and inputs are unchanged are skipped; an interrupted "
-        "stage resumes from its last checkpoint. Overrides: key.path=value, e.g. stages.sft.lr=3e-4.",
+        "stage resumes from its last checkpoint. Overrides: key.path=value, e.g. stages.sft.lr=3e-4. "
+        "--dry-run prints the resolved config, what would run and why, and every check's verdict, writing nothing.",
     )  # fmt: skip
     run.add_argument("pipeline", nargs="?", help=f"pipeline YAML (default: {DEFAULT_PIPELINE})")
     run.add_argument("overrides", nargs="*", help="key.path=value settings that replace the YAML's")
@@ -286,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--only", metavar="STAGE", help="run this stage only (its upstream stages must be complete)")
     order.add_argument("--from", dest="start", metavar="STAGE", help="re-run this stage and every later one")
     run.add_argument("--force", action="store_true", help="re-run the selected stages even if up to date")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved config, the plan (skip or run, and why) and every check's verdict; "
+                     "write nothing (exit 2 if the run would stop)")  # fmt: skip
     run.set_defaults(handler=cmd_run)
 
     convert = commands.add_parser("convert", help="convert a model to or from transformers' GPT-2")

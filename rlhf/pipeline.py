@@ -10,6 +10,9 @@ returns and its weights are finite, its manifest is written there and the folder
 the old one (`finish_stage`). A stage that fails leaves the old one complete and loadable, and the
 next unchanged run skips it; an interrupted build resumes from its staging folder's checkpoints.
 
+`describe_plan` (`rlhf run --dry-run`) says what a run would do and why, and every check's verdict,
+without writing anything.
+
 Under torchrun or `accelerate launch` every process runs the pipeline; the main process alone
 writes to the run directory (see `run_pipeline`).
 """
@@ -17,16 +20,20 @@ writes to the run directory (see `run_pipeline`).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
+from typing import Any, Collection
+
+import yaml
 
 from rlhf.artifacts import (
-    RunLock, aside_dir, building_dir, is_complete, nonfinite_weights, now, read_manifest, recover_swap, sha256_file,
+    CHECKPOINTS, RunLock, aside_dir, building_dir, is_complete, nonfinite_weights, now, read_manifest, recover_swap, sha256_file,
     sha256_json, swap_in, verify_outputs, write_manifest,
 )  # fmt: skip
 from rlhf.config import STAGE_ORDER, PipelineConfig, stage_config_dict
 from rlhf.distributed import is_main_process, on_main
-from rlhf.errors import ArtifactError, ConfigError, DataError, TrainingDiverged
+from rlhf.errors import ArtifactError, ConfigError, DataError, TrainingDiverged, UserError
 from rlhf.stages import StageContext, stage_module
 
 
@@ -91,15 +98,32 @@ def check_inputs(config: PipelineConfig, stages: list[str], run_dir: Path) -> No
                 raise missing_upstream(run_dir, parent)
 
 
-def check_artifacts(run_dir: Path, stages: list[str], forced: set[str]) -> None:
-    """Stop before any training if a completed stage's outputs no longer match its manifest."""
+def output_verdicts(run_dir: Path, forced: set[str]) -> dict[str, str | None]:
+    """Stage -> None if the outputs its complete manifest records still have their hashes, else the
+    problem; for every complete stage of `run_dir` that is not forced."""
+    verdicts = {}
     for name in STAGE_ORDER:
         manifest = read_manifest(run_dir / name)
         if name in forced or manifest is None or manifest.get("status") != "complete":
             continue
-        problem = verify_outputs(run_dir / name, manifest)
+        verdicts[name] = verify_outputs(run_dir / name, manifest)
+    return verdicts
+
+
+def artifact_error(name: str, problem: str) -> ArtifactError:
+    return ArtifactError(f"stage '{name}': {problem}; re-run it with: rlhf run ... --from {name}")
+
+
+def check_artifacts(run_dir: Path, stages: list[str], forced: set[str]) -> None:
+    """Stop before any training if a completed stage's outputs no longer match its manifest."""
+    for name, problem in output_verdicts(run_dir, forced).items():
         if problem:
-            raise ArtifactError(f"stage '{name}': {problem}; re-run it with: rlhf run ... --from {name}")
+            raise artifact_error(name, problem)
+
+
+def forced_stages(stages: list[str], start: str | None, force: bool) -> set[str]:
+    """The planned stages that run whether or not they are up to date (--force, or --from)."""
+    return set(stages) if force or start else set()
 
 
 def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str]) -> tuple[str, dict] | None:
@@ -145,7 +169,7 @@ def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | N
     others on the main one while the rest wait."""
     run_dir = Path(config.run_dir)
     stages = plan(config, only, start)
-    forced = set(stages) if force else ({*stages} if start else set())
+    forced = forced_stages(stages, start, force)
     on_main(lambda: check_inputs(config, stages, run_dir))
     with run_lock(run_dir):
         on_main(lambda: [recover_swap(run_dir, name) for name in STAGE_ORDER])
@@ -167,3 +191,143 @@ def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | N
                  "seconds": round(seconds, 1), "metrics": metrics, "pipeline": config.source},
             ))  # fmt: skip
             print(f"[{name}] done in {seconds:.1f} s")
+
+
+# ----------------------------------------------------------------------------- the dry run
+
+
+def describe_plan(
+    config: PipelineConfig, only: str | None = None, start: str | None = None, force: bool = False
+) -> tuple[list[str], UserError | None]:
+    """What `run_pipeline` would do, writing nothing (not even the run directory or its lock): the lines to
+    print (each planned stage's resolved config, its decision and why, every check's verdict), and the error
+    the run would stop with (None if it would go ahead). Bad input raises here, as it does for the run."""
+    run_dir = Path(config.run_dir)
+    stages = plan(config, only, start)
+    forced = forced_stages(stages, start, force)
+    check_inputs(config, stages, run_dir)
+
+    # 1. The resolved config: the values after extends, overrides and defaults.
+    stage_configs = {name: plain(stage_config_dict(config.stages[name])) for name in stages}
+    resolved = {"run_dir": config.run_dir, "seed": config.seed, "stages": stage_configs}
+    lines = [f"dry run of {config.source} (nothing is written)", "", "resolved config:"]
+    lines += ["  " + line for line in yaml.safe_dump(resolved, sort_keys=False).splitlines()]
+
+    # 2. The plan: what runs and why. A stage whose upstream runs first is judged against that too.
+    lines += ["", f"plan for {run_dir}:"]
+    rebuilt: dict[str, tuple[str, str]] = {}  # stage that runs -> (the stage whose change causes it, what changed)
+    for name in stages:
+        reasons, stage_fingerprint = run_reasons(config, name, run_dir, forced, start, rebuilt)
+        first = [parent for parent in stage_module(name).upstream(config.stages[name]) if parent in rebuilt]
+        if not reasons and not first:
+            lines.append(f"  {name}: skip: up to date (finished {read_manifest(run_dir / name).get('finished')})")
+            continue
+        rebuilt[name] = (name, "; ".join(reasons)) if reasons else rebuilt[first[0]]
+        causes: dict[str, list[str]] = {}
+        for parent in first:
+            causes.setdefault("{}: {}".format(*rebuilt[parent]), []).append(parent)
+        because = [f"upstream {', '.join(ps)} {'runs' if len(ps) == 1 else 'run'} first ({cause})" for cause, ps in causes.items()]
+        unless = "" if reasons else f" (skipped after all if the outputs of {', '.join(first)} come out identical)"
+        resume = "" if first else resume_note(run_dir, name, stage_fingerprint)
+        lines.append(f"  {name}: run: {'; '.join(reasons or because)}{unless}{resume}")
+
+    # 3. The checks the run makes before training, in its order: inputs, lock, interrupted swaps, recorded outputs.
+    lines += ["", "checks:"]
+    for name in stages:
+        module = stage_module(name)
+        files = ", ".join(module.inputs(config.stages[name])) or "no data files"
+        lines.append(f"  {name}: inputs read and checked: {files}")
+        for parent in module.upstream(config.stages[name]):
+            state = "planned before it" if parent in stages else f"complete in {run_dir / parent}"
+            lines.append(f"  {name}: upstream {parent}: {state}")
+    error: UserError | None = None
+    lock = RunLock(run_dir)
+    holder = lock.holder() if run_dir.is_dir() else None
+    if holder is not None:
+        error = ArtifactError(lock.in_use(holder))
+        lines.append(f"  lock: FAILED: {error}")
+    else:
+        lines.append(f"  lock: {run_dir} is free" if run_dir.is_dir() else f"  lock: {run_dir} does not exist yet (the run creates it)")
+    for name in STAGE_ORDER:
+        if aside_dir(run_dir, name).exists() or is_complete(building_dir(run_dir, name)):
+            lines.append(f"  {name}: a swap was interrupted; the run settles it first (recover_swap), which this plan does not foresee")
+    for name, problem in output_verdicts(run_dir, forced).items():
+        if problem:
+            error = error or artifact_error(name, problem)
+            lines.append(f"  {name}: outputs: FAILED: {artifact_error(name, problem)}")
+        else:
+            lines.append(f"  {name}: outputs: {len(read_manifest(run_dir / name).get('outputs', {}))} files match their recorded sha256")
+    lines += ["", f"the run would stop: {error}" if error else "every check passed"]
+    return lines, error
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON data (tuples become lists), as a manifest records it."""
+    return json.loads(json.dumps(value))
+
+
+def changed_keys(recorded: Any, current: Any, where: str = "") -> list[str]:
+    """The dotted keys whose values differ between a recorded config and the current one, old -> new."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        keys = []
+        for key in sorted({*recorded, *current}, key=str):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in recorded:
+                keys.append(f"{path} (not recorded) -> {current[key]!r}")
+            elif key not in current:
+                keys.append(f"{path} {recorded[key]!r} -> (gone)")
+            else:
+                keys += changed_keys(recorded[key], current[key], path)
+        return keys
+    return [] if recorded == current else [f"{where} {recorded!r} -> {current!r}"]
+
+
+def run_reasons(
+    config: PipelineConfig, name: str, run_dir: Path, forced: set[str], start: str | None, rebuilt: Collection[str]
+) -> tuple[list[str], str]:
+    """(why stage `name` must run, as against its manifest: [] if up to date; its fingerprint now). An upstream
+    stage in `rebuilt` (planned to run before it) is left for the caller to name."""
+    stage_fingerprint, facts = fingerprint(config, name, run_dir)
+    manifest = read_manifest(run_dir / name)
+    reasons = [f"forced ({'--from ' + start if start else '--force'})"] if name in forced else []
+    if not (manifest and manifest.get("status") == "complete"):
+        started = (run_dir / name).exists() or building_dir(run_dir, name).exists()
+        return reasons + ["never completed (an interrupted or failed build)" if started else "never ran"], stage_fingerprint
+    if manifest.get("fingerprint") == stage_fingerprint:
+        return reasons, stage_fingerprint
+    changes = changed_keys(manifest.get("config"), plain(facts["config"]))
+    if changes:
+        reasons.append("config changed: " + ", ".join(changes))
+    if manifest.get("seed") != facts["seed"]:
+        reasons.append(f"seed changed: {manifest.get('seed')!r} -> {facts['seed']!r}")
+    recorded_inputs = manifest.get("inputs") or {}
+    files = [
+        f"{name} ({'new' if name not in recorded_inputs else 'no longer read' if name not in facts['inputs'] else 'contents differ'})"
+        for name in {**recorded_inputs, **facts["inputs"]} if recorded_inputs.get(name) != facts["inputs"].get(name)
+    ]  # fmt: skip
+    if files:
+        reasons.append("inputs changed: " + ", ".join(files))
+    recorded_upstream = manifest.get("upstream") or {}
+    changed = [parent for parent, outputs in facts["upstream"].items() if recorded_upstream.get(parent) != outputs]
+    reasons += [f"upstream {parent} changed" for parent in changed if parent not in rebuilt]  # else: it runs first, said by the caller
+    if not reasons and not changed:
+        reasons.append("fingerprint differs from the manifest's (recorded by another version?)")
+    return reasons, stage_fingerprint
+
+
+def resume_note(run_dir: Path, name: str, stage_fingerprint: str) -> str:
+    """Where a build of stage `name` would start: from the last complete checkpoint of an interrupted build
+    with the same fingerprint (as `rlhf.training.resume_point` and the PPO stage's `latest_checkpoint` choose)."""
+    from rlhf.stages.ppo import CHECKPOINT_FILES as PPO_CHECKPOINT_FILES
+
+    building, final = building_dir(run_dir, name), run_dir / name
+    staging = building if building.exists() else final if final.is_dir() and not is_complete(final) else None  # as `begin_build`
+    root = staging / CHECKPOINTS if staging else None
+    if root is None or not root.is_dir():
+        return ""
+    stamp = root / "fingerprint"
+    if not stamp.is_file() or stamp.read_text(encoding="utf-8").strip() != stage_fingerprint:
+        return f"; from scratch (the checkpoints in {root} are of another config or inputs and are deleted)"
+    steps = [int(p.name.split("-")[1]) for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    steps += [int(p.name.split("-")[1]) for p in root.glob("step-*") if not p.name.endswith(".tmp") and all((p / f).is_file() for f in PPO_CHECKPOINT_FILES)]
+    return f"; resume from checkpoint step {max(steps)} in {staging.name}/" if steps else "; from scratch (no complete checkpoint)"
