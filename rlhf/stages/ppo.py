@@ -71,8 +71,9 @@ def read_inputs(config: PPOConfig) -> PPOInputs:
             rows = read_rows(name)
             check_prompt_rows(name, rows)
             kept += [row["prompt"] for row in rows]
-    reward_functions = [load_function(name, f"reward_functions[{i}]") for i, name in enumerate(config.reward_functions)]
-    judge = load_function(config.judge, "judge") if config.judge else None
+    reward_functions = [load_function(name, f"reward_functions[{i}]", probe=prompts)
+                        for i, name in enumerate(config.reward_functions)]  # fmt: skip
+    judge = load_function(config.judge, "judge", probe=eval_prompts) if config.judge else None
     return PPOInputs(prompts, eval_prompts, reward_functions, judge)
 
 
@@ -241,6 +242,10 @@ def run(ctx: StageContext) -> dict:
     unwrapped = accelerator.unwrap_model(policy)
     encoded = encode_prompts(tokenizer, prompts)
     limit = unwrapped.config.n_positions - config.max_new_tokens
+    cut = sum(len(ids) > limit for ids in encoded)
+    if cut and is_main_process():
+        print(f"ppo: {cut} of {len(encoded)} prompts are longer than {limit} tokens (the context "
+              f"{unwrapped.config.n_positions} less max_new_tokens {config.max_new_tokens}): only their last {limit} are kept")  # fmt: skip
 
     # 3. A fresh run normalises PPO's scores under the SFT policy's own PPO samples (the main process
     #    samples and measures; every process folds the same map into its value model's head).

@@ -41,7 +41,8 @@ def read_inputs(config: ReportConfig) -> None:
         if name:
             prompts_and_references(name, read_rows(name))
     if config.judge:
-        load_function(config.judge, "judge")
+        prompts = [prompt for prompt, _ in prompts_and_references(config.eval_prompts, read_rows(config.eval_prompts))]
+        load_function(config.judge, "judge", probe=prompts)
 
 
 def settings_for(config: ReportConfig, run_dir: Path, seed: int):
