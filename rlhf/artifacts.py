@@ -355,22 +355,31 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text(encoding="utf-8"))
-                except (json.JSONDecodeError, OSError):
-                    holder = {}
-                same_host = holder.get("host") == me["host"]
-                if same_host and isinstance(holder.get("pid"), int) and not _process_alive(holder["pid"]):
+                in_use = self.in_use()
+                if in_use is None:
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
-                raise ArtifactError(
-                    f"{self.path.parent}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                    f"since {holder.get('since', '?')}; wait for it or delete {self.path} if that process is gone"
-                ) from None
+                raise in_use from None
             with os.fdopen(fd, "w") as handle:
                 json.dump(me, handle)
             return
         raise ArtifactError(f"{self.path}: could not take over a stale lock")
+
+    def in_use(self) -> ArtifactError | None:
+        """The error saying who holds the lock, or None if nobody alive does (no lock, or a stale one)."""
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, OSError):
+            holder = {}
+        same_host = holder.get("host") == socket.gethostname()
+        if same_host and isinstance(holder.get("pid"), int) and not _process_alive(holder["pid"]):
+            return None
+        return ArtifactError(
+            f"{self.path.parent}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"since {holder.get('since', '?')}; wait for it or delete {self.path} if that process is gone"
+        )
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
