@@ -590,10 +590,10 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), run_dir: str | No
 
 def build_pipeline(tree: dict, path: Path) -> PipelineConfig:
     stages_tree = tree.pop("stages", None)
-    if stages_tree is not None and not isinstance(stages_tree, dict):
-        raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
-    if not stages_tree:
+    if not stages_tree:  # absent, empty or {} / []: a run that would do nothing
         raise ConfigError(f"{path}: stages: no stage to run; name at least one of {', '.join(STAGE_ORDER)}")
+    if not isinstance(stages_tree, dict):
+        raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
     config = build(PipelineConfig, tree, str(path) + ":")
     for name, settings in stages_tree.items():
         if name not in STAGE_CONFIGS:
