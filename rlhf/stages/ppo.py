@@ -246,6 +246,7 @@ def run(ctx: StageContext) -> dict:
     if cut and is_main_process():
         print(f"ppo: {cut} of {len(encoded)} prompts are longer than {limit} tokens (the context "
               f"{unwrapped.config.n_positions} less max_new_tokens {config.max_new_tokens}): only their last {limit} are kept")  # fmt: skip
+    encoded = [ids[-limit:] for ids in encoded]  # keep each prompt's end, where the question is
 
     # 3. A fresh run normalises PPO's scores under the SFT policy's own PPO samples (the main process
     #    samples and measures; every process folds the same map into its value model's head).
@@ -253,7 +254,7 @@ def run(ctx: StageContext) -> dict:
         chosen = prompt_order(len(prompts), 0, config.norm_prompts, ctx.seed)
         generator = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + NORMALISATION_SEED)
         with accelerator.autocast():
-            measured = on_main(lambda: measure_score_normalisation(models, [encoded[i][-limit:] for i in chosen], config, generator))
+            measured = on_main(lambda: measure_score_normalisation(models, [encoded[i] for i in chosen], config, generator))
         use_score_normalisation(models, measured)
         if config.norm_prompts:
             print(f"ppo: scores normalised over {measured.samples} of {measured.responses} SFT-policy responses to "
@@ -288,7 +289,7 @@ def run(ctx: StageContext) -> dict:
             seed = ctx.seed * 1_000_003 + step + rank() * RANK_SEED_STRIDE
             with accelerator.autocast():
                 rollout, stats = make_rollout(
-                    models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
+                    models, [encoded[i] for i in batch], [prompt_text(prompts[i]) for i in batch],
                     config, controller.value, torch.Generator(device=device).manual_seed(seed), reward_functions, judge,
                 )  # fmt: skip
             # 5b. Clipped policy and value updates over reshuffled minibatches; statistics averaged over processes.
