@@ -536,10 +536,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys may be overridden: that is what merging is for
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base loader says so
             if key in seen:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in the same mapping")
-            seen.add(key) if isinstance(key, typing.Hashable) else None
+            seen.add(key)
         return super().construct_mapping(node, deep)
 
 

@@ -165,6 +165,13 @@ def test_silent_pipeline_files_are_errors(tmp_path, text, words) -> None:
     assert message.startswith(f"{path}: ") and words in message, message
 
 
+def test_a_merged_key_may_be_overridden(tmp_path) -> None:
+    path = tmp_path / "pipe.yaml"
+    path.write_text("common: &common {lr: 0.1, data: a.jsonl}\nstages:\n  sft: {<<: *common, lr: 0.2}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="common: unknown key"):  # the loader got past the merge
+        load_pipeline(path)
+
+
 def test_empty_run_dir_flag_is_an_error(tmp_path) -> None:
     path = pipeline_with(tmp_path, "seed", 0)
     with pytest.raises(ConfigError, match="--run-dir: give a directory"):
