@@ -457,3 +457,17 @@ def test_convert_failing_at_its_out_leaves_no_staging_folder(tiny_rlhf, tmp_path
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == f"error: {out / 'config.json'}: Is a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"] and [p.name for p in out.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("command, words", [("run", "interrupted; checkpoints already saved are kept"), ("chat", "interrupted")])
+def test_ctrl_c_promises_a_resume_only_for_run(monkeypatch, capsys, command, words) -> None:
+    import rlhf.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlhf.cli, f"cmd_{command}", interrupted)
+    assert main(["run", TINY] if command == "run" else ["chat", "nowhere"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(words), err
+    assert ("resume" in err) == (command == "run")
