@@ -114,6 +114,10 @@ def _sampling(args: argparse.Namespace) -> None:
     top_p = getattr(args, "top_p", 1.0)
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise UserError(f"--top-p must be in (0, 1] (1: off), got {top_p}")
+    from rlhf.config import MAX_INT
+
+    if not 0 <= args.seed <= MAX_INT:  # as a pipeline's seed
+        raise UserError(f"--seed must be in [0, {MAX_INT}], got {args.seed}")
 
 
 def _check_policy(args: argparse.Namespace, path: str) -> None:

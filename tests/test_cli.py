@@ -332,6 +332,7 @@ def _cases() -> dict[str, BadInput]:
         "temperature-nan": ("--temperature", "nan"), "temperature-inf": ("--temperature", "inf"),
         "temperature-negative": ("--temperature", "-1"), "max-new-tokens-zero": ("--max-new-tokens", "0"),
         "max-new-tokens-context": ("--max-new-tokens", "96"), "max-new-tokens-huge": ("--max-new-tokens", str(10**9)),
+        "seed-negative": ("--seed", "-1"), "seed-huge": ("--seed", str(2**64)),
     }  # fmt: skip
     top_flags = {"top-p-zero": ("--top-p", "0"), "top-p-above-1": ("--top-p", "1.5"), "top-p-nan": ("--top-p", "nan"),
                  "top-k-negative": ("--top-k", "-3")}  # fmt: skip
