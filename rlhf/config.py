@@ -10,8 +10,10 @@ A pipeline file looks like:
       sft: {data: data_samples/sft.jsonl, lr: 1e-3}
 
 Stages run in the fixed order of `STAGE_ORDER`; a stage absent from `stages` is not run. Every
-field is documented once, below its declaration. Unknown keys, wrong types and invalid values are
-`ConfigError`s naming the file and the key. Relative paths resolve against the working directory.
+field is documented once, below its declaration. Unknown keys, keys given twice, wrong types and invalid
+values are `ConfigError`s naming the file (or the override) and the key. Every number is checked as it
+is read, for every field at once (`_convert`: finite, at most MAX_INT or MAX_FLOAT in magnitude), then
+against its own range in its dataclass's `__post_init__`. Relative paths resolve against the working directory.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ MAX_INT = 2**31 - 1
 MAX_FLOAT = 1e6
 """Largest magnitude any real-valued setting takes (rates, coefficients, penalties, epochs)."""
 MAX_VOCAB = 1_000_000
+"""Largest BPE vocabulary: far beyond any corpus this trains on (a typo such as 10**12 aborts the tokenizer trainer)."""
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 """The Linear layers of `rlhf.model` that LoRA adapters can wrap."""
 
@@ -202,7 +205,7 @@ class LoraSettings:
     """Scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Linear layers that get adapters."""
 
     def __post_init__(self):
