@@ -67,9 +67,10 @@ def cmd_score(args: argparse.Namespace) -> None:
         _check_out(args.out)
     check_model_dir(args.reward, REWARD_MODEL, "a reward model (the reward stage's output, e.g. runs/demo/reward)")
     from rlhf.data import read_rows
-    from rlhf.scoring import RewardScorer, score_file, write_rows
+    from rlhf.scoring import RewardScorer, check_score_rows, score_file, write_rows
 
     rows = read_rows(args.data)  # a bad data file is refused before the model loads
+    check_score_rows(args.data, rows)
     scorer = RewardScorer(args.reward, batch_size=args.batch_size)
     rows, summary = score_file(scorer, args.data, rows=rows)
     if args.out:
@@ -119,6 +120,10 @@ def _sampling(args: argparse.Namespace) -> None:
     top_p = getattr(args, "top_p", 1.0)
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise UserError(f"--top-p must be in (0, 1] (1: off), got {top_p}")
+    from rlhf.config import MAX_INT
+
+    if not 0 <= args.seed <= MAX_INT:  # as a pipeline's seed
+        raise UserError(f"--seed must be in [0, {MAX_INT}], got {args.seed}")
 
 
 def _check_policy(args: argparse.Namespace, path: str) -> None:
@@ -444,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         if is_main_process():
-            print("interrupted; the last checkpoint is kept and the same command resumes from it", file=sys.stderr)
+            # a second Ctrl-C may stop a stage before or while it saves: say only what is certain
+            resumes = "; checkpoints already saved are kept and the same command resumes from the last of them"
+            print("interrupted" + (resumes if args.command == "run" else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -165,8 +165,8 @@ def compare_policies(policies: list[str], settings: CompareSettings, progress: b
             raise UserError(f"--max-new-tokens {settings.max_new_tokens}: must be less than the context of {path} ({context} tokens)")
     check_model_dir(settings.reward, REWARD_MODEL, "a reward model (the reward stage's output)")
     check_same_tokenizer(paths + [settings.reward] + ([settings.reference] if settings.reference else []))
-    judge = load_function(settings.judge, "--judge") if settings.judge else None
     prompts, references, held_out = load_prompts(settings)
+    judge = load_function(settings.judge, "--judge", probe=prompts) if settings.judge else None
 
     # 2. The frozen models every policy is measured with.
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,14 +10,18 @@ A pipeline file looks like:
       sft: {data: data_samples/sft.jsonl, lr: 1e-3}
 
 Stages run in the fixed order of `STAGE_ORDER`; a stage absent from `stages` is not run. Every
-field is documented once, below its declaration. Unknown keys, wrong types and invalid values are
-`ConfigError`s naming the file and the key. Relative paths resolve against the working directory.
+field is documented once, below its declaration. Unknown keys, keys given twice, wrong types and invalid
+values are `ConfigError`s naming the file (or the override) and the key. Every number is checked as it
+is read, for every field at once (`_convert`: finite, at most MAX_INT or MAX_FLOAT in magnitude), then
+against its own range in its dataclass's `__post_init__`. Relative paths resolve against the working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +34,14 @@ from rlhf.data import decode_utf8
 from rlhf.errors import ConfigError
 
 STAGE_ORDER = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
+MAX_INT = 2**31 - 1
+"""Largest integer any setting takes: larger ones are typos, and overflow the libraries' C integers."""
+MAX_FLOAT = 1e6
+"""Largest magnitude any real-valued setting takes (rates, coefficients, penalties, epochs)."""
+MAX_VOCAB = 1_000_000
+"""Largest BPE vocabulary: far beyond any corpus this trains on (a typo such as 10**12 aborts the tokenizer trainer)."""
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+"""The Linear layers of `rlhf.model` that LoRA adapters can wrap."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -51,7 +63,9 @@ class TokenizerConfig:
     def __post_init__(self):
         _check(len(self.data) > 0, "data: give at least one file")
         _check(self.kind in ("bpe", "char"), f"kind: must be 'bpe' or 'char', got {self.kind!r}")
-        _check(self.vocab_size >= 261, f"vocab_size: must be >= 261 (specials + 256 bytes), got {self.vocab_size}")
+        _check(261 <= self.vocab_size <= MAX_VOCAB,
+               f"vocab_size: must be in [261, {MAX_VOCAB}] (specials + 256 bytes at least), got {self.vocab_size}")
+        _check(self.exclude_last_rows >= 0, f"exclude_last_rows: must be >= 0, got {self.exclude_last_rows}")
 
 
 @dataclass
@@ -180,6 +194,7 @@ class PretrainConfig(TrainingConfig):
         _check(self.txt_documents in TXT_DOCUMENTS,
                f"txt_documents: must be one of {', '.join(TXT_DOCUMENTS)}, got {self.txt_documents!r}")
         _check(0 <= self.block_size <= self.model.n_positions, "block_size: must be in [0, model.n_positions]")
+        _check(self.exclude_last_rows >= 0, f"exclude_last_rows: must be >= 0, got {self.exclude_last_rows}")
 
 
 @dataclass
@@ -190,11 +205,16 @@ class LoraSettings:
     """Scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Linear layers that get adapters."""
 
     def __post_init__(self):
         _check(self.r > 0, f"r: must be positive, got {self.r}")
+        _check(self.alpha > 0, f"alpha: must be positive, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "target_modules: name at least one layer")
+        for name in self.target_modules:
+            _check(name in LORA_TARGETS, f"target_modules: {name!r} matches no layer (the model has {', '.join(LORA_TARGETS)})")
 
 
 @dataclass
@@ -217,6 +237,7 @@ class SFTConfig(TrainingConfig):
         _check(bool(self.data), "data: give a file")
         _check(bool(self.eval_prompts) == bool(self.judge), "eval_prompts and judge: give both or neither")
         _check(self.max_length >= 0, f"max_length: must be >= 0, got {self.max_length}")
+        _check(self.max_new_tokens > 0, f"max_new_tokens: must be positive, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -243,6 +264,7 @@ class RewardConfig(TrainingConfig):
         _check(self.max_length >= 0 and self.eval_rows >= 0, "max_length and eval_rows: must be >= 0")
         _check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient: must be >= 0")
         _check(self.norm_prompts > 1, f"norm_prompts: must be > 1, got {self.norm_prompts}")
+        _check(self.norm_max_new_tokens > 0, f"norm_max_new_tokens: must be positive, got {self.norm_max_new_tokens}")
 
 
 @dataclass
@@ -336,6 +358,7 @@ class PPOConfig(OptimizationConfig):
         _check(self.kl_target == 0 or self.kl_coef > 0, "kl_target: an adaptive beta needs a positive kl_coef to start from")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")
         _check(self.clip_range > 0 and self.clip_range_value > 0, "clip_range and clip_range_value: must be positive")
+        _check(self.vf_coef >= 0, f"vf_coef: must be >= 0, got {self.vf_coef}")
         _check(bool(self.eval_prompts) or not self.judge, "judge: needs eval_prompts")
         _check(self.reward_model_weight >= 0, f"reward_model_weight: must be >= 0, got {self.reward_model_weight}")
         _check(self.reward_model_weight > 0 or bool(self.reward_functions),
@@ -399,6 +422,10 @@ class PipelineConfig:
     source: str = ""
     """The YAML file this came from (set by the loader, not by the file)."""
 
+    def __post_init__(self):
+        _check(self.run_dir.strip() != "", "run_dir: give a directory (an empty one would write into the current directory)")
+        _check(self.seed >= 0, f"seed: must be >= 0, got {self.seed}")
+
 
 # ----------------------------------------------------------------------------- parsing
 
@@ -435,6 +462,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{where}: {value} is out of range (at most {MAX_INT} in magnitude)")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
@@ -444,6 +473,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value) or abs(value) > MAX_FLOAT:
+            raise ConfigError(f"{where}: {value!r} is out of range (a finite number at most {MAX_FLOAT:g} in magnitude)")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -469,6 +500,10 @@ def build(cls: type, data: Any, where: str):
     try:
         return cls(**kwargs)
     except ValueError as error:
+        # "lr: must be positive" from __post_init__ becomes "file: stages.sft.lr: must be positive"
+        key, sep, problem = str(error).partition(": ")
+        if sep and key in known:
+            raise ConfigError(f"{_join(where, key)}: {problem}") from None
         raise ConfigError(f"{where}: {error}") from None
 
 
@@ -498,17 +533,38 @@ def deep_merge(base: dict, changes: dict) -> dict:
     return merged
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (the plain loader keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys may be overridden: that is what merging is for
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base loader says so
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in the same mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_tree(path: Path, seen: tuple = ()) -> dict:
     """A pipeline YAML as a mapping; `extends: other.yaml` (relative to this file) starts from another."""
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:
-        tree = yaml.safe_load(decode_utf8(path.read_bytes(), path, ConfigError)) or {}
+        tree = yaml.load(decode_utf8(path.read_bytes(), path, ConfigError), Loader=UniqueKeyLoader)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{path}: {where}not valid YAML: {problem}") from None
+    if tree is None:
+        raise ConfigError(f"{path}: the pipeline file is empty; give at least `stages:`")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     parent = tree.pop("extends", None)
@@ -528,7 +584,21 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), run_dir: str | No
     tree = read_tree(path)
     for assignment in overrides:
         apply_override(tree, assignment, str(path))
-    stages_tree = tree.pop("stages", None) or {}
+    try:
+        config = build_pipeline(tree, path)
+    except ConfigError as error:
+        raise blame_override(error, path, overrides) from None
+    if run_dir is not None:
+        if not run_dir.strip():
+            raise ConfigError("--run-dir: give a directory (an empty one would write into the current directory)")
+        config.run_dir = run_dir
+    return config
+
+
+def build_pipeline(tree: dict, path: Path) -> PipelineConfig:
+    stages_tree = tree.pop("stages", None)
+    if not stages_tree:  # absent, empty or {} / []: a run that would do nothing
+        raise ConfigError(f"{path}: stages: no stage to run; name at least one of {', '.join(STAGE_ORDER)}")
     if not isinstance(stages_tree, dict):
         raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
     config = build(PipelineConfig, tree, str(path) + ":")
@@ -539,9 +609,22 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), run_dir: str | No
             raise ConfigError(f"{path}: stages.{name}: unknown stage{hint}")
         config.stages[name] = build(STAGE_CONFIGS[name], settings, f"{path}: stages.{name}")
     config.source = str(path)
-    if run_dir is not None:
-        config.run_dir = run_dir
     return config
+
+
+def blame_override(error: ConfigError, path: Path, overrides: list[str]) -> ConfigError:
+    """An error about a key that a command-line override set names the override, not the YAML file."""
+    prefix = f"{path}: "
+    message = str(error)
+    if not message.startswith(prefix):
+        return error
+    problem = message[len(prefix) :]
+    blamed = re.match(r"[\w.\[\]]+", problem)  # the key path the error names: stages.sft.lr, stages.sfft
+    for assignment in reversed(overrides):  # the last override of a key is the one that counts
+        key = assignment.partition("=")[0]
+        if blamed and (key == blamed[0] or key.startswith(blamed[0] + ".") or blamed[0].startswith(key + ".")):
+            return ConfigError(f"override {assignment!r}: {problem}")
+    return error
 
 
 def stage_config_dict(stage_config: Any) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import re
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,16 @@ def check_messages(messages: Any, where: str, last_role: str | None = None) -> N
         raise DataError(f"{where}: the last message must be from the {last_role}")
 
 
+def check_turn_order(messages: list[dict], where: str) -> None:
+    """A demonstration conversation: after any system messages the user speaks first, and never twice in a row."""
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if turns and turns[0] != "user":
+        raise DataError(f"{where}: the conversation must start with the user (after any system message), not the {turns[0]}")
+    for i, (before, after) in enumerate(zip(turns, turns[1:]), start=1):
+        if before == after == "user":
+            raise DataError(f"{where}: two user messages in a row (turns {i} and {i + 1}); join them or add the assistant's reply")
+
+
 def _check_text_or_messages(value: Any, where: str, last_role: str) -> None:
     if isinstance(value, list):
         check_messages(value, where, last_role)
@@ -184,6 +195,7 @@ def check_sft_rows(path: str | Path, rows: list[dict]) -> str:
             if "messages" not in row:
                 raise _missing_column(f"{path}: row {number}", "messages", row)
             check_messages(row["messages"], f"{path}: row {number}: messages", last_role="assistant")
+            check_turn_order(row["messages"], f"{path}: row {number}: messages")
         return "messages"
     if "prompt" in first or "completion" in first:
         for number, row in enumerate(rows, start=1):
@@ -201,6 +213,15 @@ def check_prompt_rows(path: str | Path, rows: list[dict]) -> None:
         if "prompt" not in row:
             raise _missing_column(f"{path}: row {number}", "prompt", row)
         _check_text_or_messages(row["prompt"], f"{path}: row {number}: prompt", "user")
+
+
+def check_response_rows(path: str | Path, rows: list[dict]) -> None:
+    """Rows to score: a 'prompt' (as in prompt files) and a non-empty 'response' (a string or assistant messages)."""
+    for number, row in enumerate(rows, start=1):
+        if "response" not in row:
+            raise _missing_column(f"{path}: row {number}", "response", row)
+        _check_text_or_messages(row["response"], f"{path}: row {number}: response", "assistant")
+    check_prompt_rows(path, rows)
 
 
 def prompt_messages(prompt: Any) -> list[dict]:
@@ -282,8 +303,9 @@ def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], li
                 continue
             pair.update(prompt=chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:])
             prompt_last_role = None  # real dialogues sometimes hold two turns of one speaker in a row
-        if "margin" in pair and (isinstance(pair["margin"], bool) or not isinstance(pair["margin"], (int, float))):
-            raise DataError(f"{where}: margin must be a number, got {pair['margin']!r}")
+        if "margin" in pair and (isinstance(pair["margin"], bool) or not isinstance(pair["margin"], (int, float))
+                                 or not math.isfinite(pair["margin"])):  # fmt: skip
+            raise DataError(f"{where}: margin must be a finite number, got {pair['margin']!r}")
         if "prompt" in pair:
             if isinstance(pair["prompt"], list):
                 check_messages(pair["prompt"], f"{where}: prompt", prompt_last_role)

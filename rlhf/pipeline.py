@@ -95,7 +95,10 @@ def check_inputs(config: PipelineConfig, stages: list[str], run_dir: Path) -> No
         for parent in module.upstream(config.stages[name]):
             # (a stage that a crash left in .<stage>.old is put back by `recover_swap`, under the lock)
             if parent not in stages and not (is_complete(run_dir / parent) or is_complete(aside_dir(run_dir, parent))):
-                raise missing_upstream(run_dir, parent)
+                # another run may be rebuilding it right now: then the directory is busy, not incomplete
+                lock = RunLock(run_dir)
+                holder = lock.holder()
+                raise ArtifactError(lock.in_use(holder)) if holder is not None else missing_upstream(run_dir, parent)
 
 
 def output_verdicts(run_dir: Path, forced: set[str]) -> dict[str, str | None]:

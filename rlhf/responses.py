@@ -6,6 +6,7 @@ Shared by the SFT stage (judge before/after), PPO (rollouts and reward functions
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Callable
 
 import torch
@@ -65,8 +66,15 @@ def sample_responses(
     return texts
 
 
-def load_function(reference: str, key: str = "") -> Callable:
-    """Import 'package.module:function'; errors name the setting `key` it came from."""
+PROBE_PROMPTS = 2
+"""Prompts a plug-in scores once when loaded, so that a wrong signature or result fails before any stage starts."""
+PROBE_RESPONSE = "OK."
+
+
+def load_function(reference: str, key: str = "", probe: list[Any] | None = None) -> Callable:
+    """Import 'package.module:function'; errors name the setting `key` it came from. With `probe` (prompt
+    cells), the function scores the first few of them once, answered by PROBE_RESPONSE, and must return
+    one finite number per prompt."""
     where = f"{key}: {reference!r}" if key else repr(reference)
     module_name, sep, name = reference.partition(":")
     if not sep or not module_name or not name:
@@ -77,7 +85,29 @@ def load_function(reference: str, key: str = "") -> Callable:
         raise ConfigError(f"{where}: cannot import ({error})") from None
     if not callable(function):
         raise ConfigError(f"{where}: not callable")
+    if probe:
+        check_scores(function, [prompt_text(p) for p in probe[:PROBE_PROMPTS]], where)
     return function
+
+
+def check_scores(function: Callable, prompts: list[str], where: str) -> None:
+    """Call a (prompts, responses) -> floats plug-in once; a failure or a bad result is a ConfigError naming `where`."""
+    n = len(prompts)
+    try:
+        scores = function(prompts, [PROBE_RESPONSE] * n)
+    except Exception as error:  # the plug-in is user code: any failure here means it does not fit
+        raise ConfigError(f"{where}: failed when called with {n} prompts and {n} responses "
+                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None  # fmt: skip
+    try:
+        values = [float(x) for x in scores] if not isinstance(scores, (str, bytes, dict)) else None
+    except (TypeError, ValueError):
+        values = None
+    if values is None or any(isinstance(x, (bool, str, bytes)) for x in scores):
+        raise ConfigError(f"{where}: must return a list of numbers, one per response; got {type(scores).__name__} {str(scores)[:60]}")
+    if len(values) != n:
+        raise ConfigError(f"{where}: returned {len(values)} scores for {n} responses")
+    if not all(math.isfinite(x) for x in values):
+        raise ConfigError(f"{where}: returned a NaN or infinite score ({values})")
 
 
 def judge_mean(judge: Callable, prompts: list[Any], responses: list[str]) -> float:

@@ -92,6 +92,21 @@ def summarise(values: list[float]) -> dict[str, float]:
     }  # fmt: skip
 
 
+def check_score_rows(data: str | Path, rows: list[dict]) -> str:
+    """Check rows to score without any model; returns their kind: 'pairs' (chosen/rejected) or 'responses'."""
+    from rlhf.data import check_response_rows, preference_pairs
+    from rlhf.errors import DataError
+
+    first = rows[0]
+    if "chosen" in first and "rejected" in first:
+        preference_pairs(data, rows)
+        return "pairs"
+    if "prompt" in first and "response" in first:
+        check_response_rows(data, rows)  # an empty response is refused, as the pipeline refuses one
+        return "responses"
+    raise DataError(f"{data}: row 1: expected 'prompt' and 'response' columns or 'chosen' and 'rejected', got {sorted(first)}")
+
+
 def score_file(scorer: RewardScorer, data: str | Path, progress: bool = True, rows: list[dict] | None = None) -> tuple[list[dict], dict]:
     """Score every row of a data file: (output rows with the input columns plus scores, summary).
     `rows`: the file's rows if already read (`rlhf score` reads them before loading the model).
@@ -100,11 +115,9 @@ def score_file(scorer: RewardScorer, data: str | Path, progress: bool = True, ro
     sides' scores, and the summary adds pairwise accuracy.
     """
     from rlhf.data import preference_pairs, read_rows
-    from rlhf.errors import DataError
 
     rows = read_rows(data) if rows is None else rows
-    first = rows[0]
-    if "chosen" in first and "rejected" in first:
+    if check_score_rows(data, rows) == "pairs":
         pairs, skipped = preference_pairs(data, rows)
         rows = [row for index, row in enumerate(rows) if index not in set(skipped)]
         prompts = [p.get("prompt") for p in pairs]
@@ -118,15 +131,10 @@ def score_file(scorer: RewardScorer, data: str | Path, progress: bool = True, ro
         summary = {"chosen": summarise(scorer.normalise(chosen)), "rejected": summarise(scorer.normalise(rejected)),
                    "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs), "skipped_empty_pairs": len(skipped)}  # fmt: skip
         return out, summary
-    if "prompt" in first and "response" in first:
-        for number, row in enumerate(rows, start=1):
-            if "prompt" not in row or "response" not in row:
-                raise DataError(f"{data}: row {number}: missing column 'prompt' or 'response'")
-        raw = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], normalised=False, progress=progress)
-        normalised = scorer.normalise(raw)
-        out = [{**row, "score": s, "score_raw": r} for row, s, r in zip(rows, normalised, raw)]
-        return out, {"score": summarise(normalised)}
-    raise DataError(f"{data}: row 1: expected 'prompt' and 'response' columns or 'chosen' and 'rejected', got {sorted(first)}")
+    raw = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], normalised=False, progress=progress)
+    normalised = scorer.normalise(raw)
+    out = [{**row, "score": s, "score_raw": r} for row, s, r in zip(rows, normalised, raw)]
+    return out, {"score": summarise(normalised)}
 
 
 def write_rows(rows: list[dict], path: str | Path) -> None:

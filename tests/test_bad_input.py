@@ -128,6 +128,13 @@ def swap_pretrain_tokenizer(run_dir: Path) -> None:
     write_manifest(run_dir / "pretrain", {k: v for k, v in manifest.items() if k not in ("outputs", "status", "finished")})
 
 
+def hold_lock(run_dir: Path) -> None:
+    """Another run, alive (this test process), holds the directory while sft is not complete."""
+    import socket
+
+    (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+
+
 SFT, PREFS, PROMPTS = "stages.sft.data", "stages.reward.data", "stages.ppo.prompts"
 GOOD_CHAT = chat(("user", "What is 1 + 2?"), ("assistant", "Sure! 1 + 2 = 3."))
 
@@ -150,9 +157,23 @@ CASES: dict[str, Case] = {
     "unknown-judge": Case(("{yaml}: stages.sft: judge: 'rlhf.demo_task:nope': cannot import",), {"stages.sft.judge": "rlhf.demo_task:nope"}),
     "reward-function-not-module-function": Case(("{yaml}: stages.ppo: reward_functions[0]: 'len': expected 'module:function'",),
                                                 {"stages.ppo.reward_functions": ["len"]}),  # fmt: skip
+    "yaml-nonfinite-lr": Case(("{yaml}: stages.sft.lr: inf is out of range",), {"stages.sft.lr": float("inf")}),
+    "yaml-negative-vf-coef": Case(("{yaml}: stages.ppo.vf_coef: must be >= 0, got -5.0",), {"stages.ppo.vf_coef": -5}),
+    "yaml-lora-dropout": Case(("{yaml}: stages.sft.lora.dropout: must be in [0, 1), got 5.0",), {"stages.sft.lora": {"dropout": 5}}),
+    "yaml-huge-vocab": Case(("{yaml}: stages.tokenizer.vocab_size: 1000000000000 is out of range",), {"stages.tokenizer.vocab_size": 10**12}),
+    "yaml-duplicate-key": Case(("{yaml}: line 3: key 'seed' is given twice",), yaml_text="seed: 0\nstages: {sft: {data: x}}\nseed: 1\n"),
+    "yaml-empty-file": Case(("{yaml}: the pipeline file is empty",), yaml_text=""),
+    "yaml-no-stages": Case(("{yaml}: stages: no stage to run",), yaml_text="seed: 0\nstages: {}\n"),
+    "yaml-empty-run-dir": Case(("{yaml}: run_dir: give a directory",), {"run_dir": ""}),
+    "override-nonfinite": Case(("override 'stages.sft.lr=.nan': stages.sft.lr: nan is out of range",), args=("stages.sft.lr=.nan",)),
+    "judge-wrong-signature": Case(("{yaml}: stages.sft: judge: 'builtins:len': failed when called with 2 prompts and 2 responses (TypeError",),
+                                  {"stages.sft.judge": "builtins:len"}),  # fmt: skip
+    "reward-function-not-numbers": Case(("{yaml}: stages.ppo: reward_functions[0]: 'builtins:max': must return a list of numbers",),
+                                        {"stages.ppo.reward_functions": ["builtins:max"]}),  # fmt: skip
     # The run directory.
     "missing-upstream": Case(("{run}/pretrain: upstream stage 'pretrain' has not completed",), args=("--only", "sft"),
                              prepare=lambda run_dir: shutil.rmtree(run_dir / "pretrain")),  # fmt: skip
+    "upstream-being-rebuilt-by-another-run": Case(("{run}: in use by pid",), args=("--only", "reward"), prepare=hold_lock),
     "missing-upstream-new-run-dir": Case(("upstream stage 'sft' has not completed",), args=("--only", "reward"), fresh_run_dir=True),
     "tokenizer-not-the-models": Case(("{run}/pretrain: the tokenizer has 400 tokens but the model's vocabulary is 320",),
                                      args=("--only", "sft"), prepare=swap_pretrain_tokenizer),  # fmt: skip
@@ -180,6 +201,10 @@ CASES: dict[str, Case] = {
     "not-gzip": Case(("{data}: not a valid gzip file",), data=(SFT, "sft.jsonl.gz", "\n".join(sample_lines("sft.jsonl")))),
     "longer-than-context": Case(("{data}: row 3:", "tokens, longer than max_length 96 (1 of 12 rows are)"),
                                 data=(SFT, "sft.jsonl", with_row_3("sft.jsonl", sft_row(chat(("user", "Hi?"), ("assistant", "word " * 200)))))),  # fmt: skip
+    "conversation-starts-with-assistant": Case(("{data}: row 3: messages: the conversation must start with the user",),
+                                              data=(SFT, "sft.jsonl", with_row_3("sft.jsonl", sft_row(chat(("assistant", "Hi!"), ("user", "Hi?"), ("assistant", "Hello")))))),  # fmt: skip
+    "two-user-turns": Case(("{data}: row 3: messages: two user messages in a row",),
+                           data=(SFT, "sft.jsonl", with_row_3("sft.jsonl", sft_row(chat(("user", "Hi?"), ("user", "Hi?"), ("assistant", "Hello")))))),  # fmt: skip
     "judge-prompt-ends-with-assistant": Case(("{data}: row 3: prompt: the last message must be from the user",),
                                              data=("stages.sft.eval_prompts", "eval.jsonl", with_row_3("eval.jsonl", json.dumps({"prompt": GOOD_CHAT})))),  # fmt: skip
     # Preference pairs.
@@ -189,7 +214,8 @@ CASES: dict[str, Case] = {
                               data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", pair(chosen=4)))),  # fmt: skip
     "missing-rejected": Case(("{data}: row 3: missing column 'rejected' (got 'chosen', 'prompt')",),
                              data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", json.dumps({"prompt": "2 + 2?", "chosen": "4"})))),  # fmt: skip
-    "margin-not-a-number": Case(("{data}: row 3: margin must be a number, got 'big'",), data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", pair(margin="big")))),
+    "margin-not-a-number": Case(("{data}: row 3: margin must be a finite number, got 'big'",), data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", pair(margin="big")))),
+    "margin-not-finite": Case(("{data}: row 3: margin must be a finite number, got nan",), data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", pair(margin=float("nan"))))),
     "csv-missing-column": Case(("{data}: row 1: missing column 'rejected' (got 'chosen', 'prompt')",),
                                data=(PREFS, "prefs.csv", "prompt,chosen\n" + "2 + 2?,4\n" * 8)),  # fmt: skip
     "parquet-wrong-type": Case(("{data}: row 1: prompt: expected a string or a list of messages, got int 7",),

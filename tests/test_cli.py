@@ -100,10 +100,11 @@ def test_bad_override_syntax_exits_2() -> None:
     assert "stages.sft.lr" in line and "key.path=value" in line
 
 
-def test_bad_override_value_names_file_and_key(capsys) -> None:
+def test_bad_override_value_names_the_override_and_key(capsys) -> None:
     assert main(["run", TINY, "stages.pretrain.model.n_layr=2"]) == 2
     line = one_line_error(capsys.readouterr().err)
-    assert TINY in line and "stages.pretrain.model.n_layr" in line and "n_layer" in line
+    assert "override 'stages.pretrain.model.n_layr=2': stages.pretrain.model.n_layr" in line and "n_layer" in line
+    assert TINY not in line  # the pipeline file is not to blame
 
 
 def test_flag_without_value_after_overrides_is_a_usage_error(capsys) -> None:
@@ -129,7 +130,7 @@ def test_lone_override_uses_default_pipeline(monkeypatch, tmp_path, capsys) -> N
     monkeypatch.chdir(ROOT)
     assert main(["run", "stages.sft.lr=-1", "--run-dir", str(tmp_path / "r")]) == 2
     line = one_line_error(capsys.readouterr().err)
-    assert "pipelines/demo.yaml" in line and "lr" in line
+    assert "override 'stages.sft.lr=-1': stages.sft.lr: must be positive" in line  # demo.yaml's sft stage, overridden
     monkeypatch.chdir(tmp_path)  # no default pipeline here
     assert main(["run", "--run-dir", str(tmp_path / "r")]) == 2
     assert "pipelines/demo.yaml" in one_line_error(capsys.readouterr().err)
@@ -331,6 +332,7 @@ def _cases() -> dict[str, BadInput]:
         "temperature-nan": ("--temperature", "nan"), "temperature-inf": ("--temperature", "inf"),
         "temperature-negative": ("--temperature", "-1"), "max-new-tokens-zero": ("--max-new-tokens", "0"),
         "max-new-tokens-context": ("--max-new-tokens", "96"), "max-new-tokens-huge": ("--max-new-tokens", str(10**9)),
+        "seed-negative": ("--seed", "-1"), "seed-huge": ("--seed", str(2**64)),
     }  # fmt: skip
     top_flags = {"top-p-zero": ("--top-p", "0"), "top-p-above-1": ("--top-p", "1.5"), "top-p-nan": ("--top-p", "nan"),
                  "top-k-negative": ("--top-k", "-3")}  # fmt: skip
@@ -456,3 +458,17 @@ def test_convert_failing_at_its_out_leaves_no_staging_folder(tiny_rlhf, tmp_path
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == f"error: {out / 'config.json'}: Is a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"] and [p.name for p in out.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("command, words", [("run", "interrupted; checkpoints already saved are kept"), ("chat", "interrupted")])
+def test_ctrl_c_promises_a_resume_only_for_run(monkeypatch, capsys, command, words) -> None:
+    import rlhf.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlhf.cli, f"cmd_{command}", interrupted)
+    assert main(["run", TINY] if command == "run" else ["chat", "nowhere"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(words), err
+    assert ("resume" in err) == (command == "run")

@@ -305,3 +305,29 @@ def test_read_text_documents_by_line(tmp_path) -> None:
     (tmp_path / "b.jsonl").write_text(jsonl([{"text": "doc one\nsame doc"}]), encoding="utf-8")
     paths = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
     assert read_text_documents(paths, txt_lines=True) == ["one two", "three", "four", "doc one\nsame doc"]
+
+
+@pytest.mark.parametrize(
+    "messages, words",
+    [
+        ([("assistant", "Hi!"), ("user", "Hi?"), ("assistant", "Hello.")], "must start with the user (after any system message), not the assistant"),
+        ([("system", "Be kind."), ("assistant", "Hi!")], "must start with the user"),
+        ([("user", "Hi?"), ("user", "Hello?"), ("assistant", "Hello.")], "two user messages in a row (turns 1 and 2)"),
+    ],
+)
+def test_sft_conversation_turn_order(messages, words) -> None:
+    rows = [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}] * 2
+    rows.append({"messages": [{"role": role, "content": content} for role, content in messages]})
+    with pytest.raises(DataError) as info:
+        check_sft_rows("sft.jsonl", rows)
+    assert str(info.value).startswith("sft.jsonl: row 3: messages: ") and words in str(info.value)
+
+
+def test_rows_to_score_refuse_an_empty_response_naming_the_row() -> None:
+    from rlhf.data import check_response_rows
+
+    check_response_rows("s.jsonl", [{"prompt": "Hi?", "response": "Hello."}])
+    with pytest.raises(DataError, match=r"^s.jsonl: row 2: response: empty text$"):
+        check_response_rows("s.jsonl", [{"prompt": "Hi?", "response": "Hello."}, {"prompt": "Hi?", "response": " "}])
+    with pytest.raises(DataError, match=r"^s.jsonl: row 1: missing column 'response'"):
+        check_response_rows("s.jsonl", [{"prompt": "Hi?"}])

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -476,3 +477,12 @@ def test_nan_losses_are_skipped_then_the_stage_stops(base, tmp_path, capsys, mon
     rows = read_metrics(building_dir(run_dir, "ppo"))
     assert len(rows) == 1, "iteration 1 is logged; iteration 2 stops the stage"
     assert rows[0]["nonfinite_steps"] > 0 and math.isnan(rows[0]["policy_loss"]), "every update of iteration 1 was skipped"
+
+
+def test_prompts_longer_than_the_room_left_are_counted(base, tmp_path, capsys) -> None:
+    """A prompt that does not fit before max_new_tokens keeps its end, and the run says how many were cut."""
+    run_dir = clone(base, tmp_path)
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo",
+                         "stages.ppo.max_new_tokens=88", "stages.ppo.steps=1", "stages.ppo.norm_prompts=0")  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert re.search(r"ppo: \d+ of 16 prompts are longer than 8 tokens \(the context 96 less max_new_tokens 88\)", out), out[-3000:]

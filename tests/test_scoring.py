@@ -396,3 +396,15 @@ def test_cli_refuses_a_directory_without_a_reward_head(reward_dir, tmp_path, cap
     captured = capsys.readouterr()
     assert code == 2, f"scored with a random head instead of refusing:\n{captured.out[-500:]}"
     assert "reward" in one_line_error(captured.err)
+
+
+def test_cli_refuses_an_empty_response_naming_the_row_before_loading_the_model(reward_dir, tmp_path, capsys, monkeypatch) -> None:
+    from rlhf import scoring
+    from rlhf.cli import main
+
+    monkeypatch.setattr(scoring, "RewardScorer", None)  # loading the model would fail the test
+    rows = [{"prompt": "What is 1 + 2?", "response": "Sure! 3."}, {"prompt": "What is 2 + 2?", "response": " "}]
+    data = write_jsonl(tmp_path / "responses.jsonl", rows)
+    code = main(["score", "--reward", str(reward_dir), "--data", str(data)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"error: {data}: row 2: response: empty text", err

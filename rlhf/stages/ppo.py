@@ -71,8 +71,9 @@ def read_inputs(config: PPOConfig) -> PPOInputs:
             rows = read_rows(name)
             check_prompt_rows(name, rows)
             kept += [row["prompt"] for row in rows]
-    reward_functions = [load_function(name, f"reward_functions[{i}]") for i, name in enumerate(config.reward_functions)]
-    judge = load_function(config.judge, "judge") if config.judge else None
+    reward_functions = [load_function(name, f"reward_functions[{i}]", probe=prompts)
+                        for i, name in enumerate(config.reward_functions)]  # fmt: skip
+    judge = load_function(config.judge, "judge", probe=eval_prompts) if config.judge else None
     return PPOInputs(prompts, eval_prompts, reward_functions, judge)
 
 
@@ -241,6 +242,11 @@ def run(ctx: StageContext) -> dict:
     unwrapped = accelerator.unwrap_model(policy)
     encoded = encode_prompts(tokenizer, prompts)
     limit = unwrapped.config.n_positions - config.max_new_tokens
+    cut = sum(len(ids) > limit for ids in encoded)
+    if cut and is_main_process():
+        print(f"ppo: {cut} of {len(encoded)} prompts are longer than {limit} tokens (the context "
+              f"{unwrapped.config.n_positions} less max_new_tokens {config.max_new_tokens}): only their last {limit} are kept")  # fmt: skip
+    encoded = [ids[-limit:] for ids in encoded]  # keep each prompt's end, where the question is
 
     # 3. A fresh run normalises PPO's scores under the SFT policy's own PPO samples (the main process
     #    samples and measures; every process folds the same map into its value model's head).
@@ -248,7 +254,7 @@ def run(ctx: StageContext) -> dict:
         chosen = prompt_order(len(prompts), 0, config.norm_prompts, ctx.seed)
         generator = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + NORMALISATION_SEED)
         with accelerator.autocast():
-            measured = on_main(lambda: measure_score_normalisation(models, [encoded[i][-limit:] for i in chosen], config, generator))
+            measured = on_main(lambda: measure_score_normalisation(models, [encoded[i] for i in chosen], config, generator))
         use_score_normalisation(models, measured)
         if config.norm_prompts:
             print(f"ppo: scores normalised over {measured.samples} of {measured.responses} SFT-policy responses to "
@@ -283,7 +289,7 @@ def run(ctx: StageContext) -> dict:
             seed = ctx.seed * 1_000_003 + step + rank() * RANK_SEED_STRIDE
             with accelerator.autocast():
                 rollout, stats = make_rollout(
-                    models, [encoded[i][-limit:] for i in batch], [prompt_text(prompts[i]) for i in batch],
+                    models, [encoded[i] for i in batch], [prompt_text(prompts[i]) for i in batch],
                     config, controller.value, torch.Generator(device=device).manual_seed(seed), reward_functions, judge,
                 )  # fmt: skip
             # 5b. Clipped policy and value updates over reshuffled minibatches; statistics averaged over processes.

@@ -37,11 +37,9 @@ def read_inputs(config: ReportConfig) -> None:
     from rlhf.data import prompts_and_references, read_rows
     from rlhf.responses import load_function
 
-    for name in (config.eval_prompts, config.eval_data):
-        if name:
-            prompts_and_references(name, read_rows(name))
+    pairs = {name: prompts_and_references(name, read_rows(name)) for name in (config.eval_prompts, config.eval_data) if name}
     if config.judge:
-        load_function(config.judge, "judge")
+        load_function(config.judge, "judge", probe=[prompt for prompt, _ in pairs[config.eval_prompts]])
 
 
 def settings_for(config: ReportConfig, run_dir: Path, seed: int):

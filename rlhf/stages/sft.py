@@ -47,7 +47,8 @@ def read_inputs(config: SFTConfig) -> SFTInputs:
     if config.judge:
         prompt_rows = read_rows(config.eval_prompts)
         check_prompt_rows(config.eval_prompts, prompt_rows)
-        judge, judge_prompts = load_function(config.judge, "judge"), [row["prompt"] for row in prompt_rows]
+        judge_prompts = [row["prompt"] for row in prompt_rows]
+        judge = load_function(config.judge, "judge", probe=judge_prompts)
     return SFTInputs(rows, data_format, judge, judge_prompts)
 
 
