@@ -280,6 +280,13 @@ def hh_to_messages(dialogue: str) -> list[dict]:
     return [{"role": roles[speaker], "content": text.strip()} for speaker, text in zip(parts[::2], parts[1::2])]
 
 
+def _pair_shape(pair: dict) -> str:
+    """'prompt: messages, chosen: text, ...': a pair's columns and whether each holds text or messages."""
+    kinds = {list: "messages", str: "text"}
+    return ", ".join(f"{key}: {kinds.get(type(pair[key]), 'number')}" for key in ("prompt", "chosen", "rejected", "margin")
+                     if key in pair)  # fmt: skip
+
+
 def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], list[int]]:
     """Check preference rows and bring them to TRL's formats; returns (pairs, indices of skipped rows).
 
@@ -319,3 +326,15 @@ def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], li
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs")
     return pairs, skipped
+
+
+def check_one_format(path: str | Path, rows: list[dict]) -> None:
+    """Training takes the pairs as one table: every usable row must have the same columns, each holding
+    text or messages throughout (the first row that differs from the first pair is named)."""
+    pairs, skipped = preference_pairs(path, rows)
+    numbers = [number for number in range(1, len(rows) + 1) if number - 1 not in set(skipped)]
+    first = _pair_shape(pairs[0])
+    for number, pair in zip(numbers, pairs):
+        if _pair_shape(pair) != first:
+            raise DataError(f"{path}: row {number}: {_pair_shape(pair)} differs from the first pair's {first}; "
+                            "use one format for every row")  # fmt: skip

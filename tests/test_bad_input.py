@@ -209,6 +209,8 @@ CASES: dict[str, Case] = {
                                              data=("stages.sft.eval_prompts", "eval.jsonl", with_row_3("eval.jsonl", json.dumps({"prompt": GOOD_CHAT})))),  # fmt: skip
     # Preference pairs.
     "chosen-identical-to-rejected": Case(("{data}: row 3: chosen and rejected are identical",), data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", pair(rejected="Sure! 2 + 2 = 4.")))),
+    "prefs-mixed-formats": Case(("{data}: row 3: prompt: text", "differs from the first pair's prompt: messages"),
+                                data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", pair()))),
     "empty-chosen": Case(("{data}: row 3: chosen: empty text",), data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", pair(chosen="")))),
     "chosen-wrong-type": Case(("{data}: row 3: chosen: expected a string or a list of messages, got int 4",),
                               data=(PREFS, "prefs.jsonl", with_row_3("preferences.jsonl", pair(chosen=4)))),  # fmt: skip

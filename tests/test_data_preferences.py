@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.data import hh_to_messages, is_hh_dialogue, preference_pairs, read_rows
+from rlhf.data import check_one_format, hh_to_messages, is_hh_dialogue, preference_pairs, read_rows
 from rlhf.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,3 +173,15 @@ def test_hh_rlhf_harmless_base_test_file() -> None:
         assert len(pair["chosen"]) == len(pair["rejected"]) == 1
         assert pair["chosen"][0]["role"] == pair["rejected"][0]["role"] == "assistant"
         assert pair["prompt"] and pair["prompt"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize("other", [
+    {"prompt": "What is 2 + 2?", "chosen": "Sure! 2 + 2 = 4.", "rejected": "5"},
+    {"prompt": [user("What is 2 + 2?")], "chosen": [assistant("4")], "rejected": [assistant("5")], "margin": 1.0},
+    {"chosen": [user("Hi"), assistant("Hello")], "rejected": [user("Hi"), assistant("Ugh")]},
+])
+def test_one_format_names_the_first_row_that_differs(other) -> None:
+    first = {"prompt": [user("What is 1 + 1?")], "chosen": [assistant("2")], "rejected": [assistant("3")]}
+    check_one_format(FILE, [first, first])
+    with pytest.raises(DataError, match=r"row 3: .* differs from the first pair's .*one format"):
+        check_one_format(FILE, [first, first, other])

@@ -16,7 +16,7 @@ import random
 import statistics
 
 from rlhf.config import RewardConfig
-from rlhf.data import preference_pairs, read_rows
+from rlhf.data import check_one_format, preference_pairs, read_rows
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
@@ -45,6 +45,7 @@ def read_inputs(config: RewardConfig) -> tuple[list[dict], list[dict], int]:
     The split comes before conversion, so the held-out rows are fixed.
     """
     rows = read_rows(config.data)
+    check_one_format(config.data, rows)
     train_rows, eval_rows = split_rows(rows, config)
     train_pairs, skipped_train = preference_pairs(config.data, train_rows)
     eval_pairs, skipped_eval = preference_pairs(config.data, eval_rows)
