@@ -107,6 +107,10 @@ def test_reward_trainer_runs_and_first_loss_is_bradley_terry(tok, tmp_path, fmt,
     assert losses[-1] < losses[0]  # the same batch thrice: the loss goes down
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "score.weight" in changed and "transformer.h.0.attn.c_attn.weight" in changed
-    assert len(changed) == len(before)
+    # Bradley-Terry sees only score differences, so what shifts every score alike (the score head's
+    # bias, and the final LayerNorm's bias, which reaches the score only through w . bias) gets no
+    # gradient, bar rounding, unless the rewards are centred; every other parameter must move.
+    assert set(before) - set(changed) <= {"score.bias", "transformer.ln_f.bias"}
+    assert center is None or {"score.bias", "transformer.ln_f.bias"} <= set(changed)
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # disable_dropout
     assert model.config.pad_token_id == tok.pad_token_id
