@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import __version__
+from rlhf.data import jsonl_objects
 from rlhf.errors import ArtifactError
 
 MANIFEST = "manifest.json"
@@ -315,18 +316,7 @@ def read_metrics(stage_dir: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ArtifactError(f"{path}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ArtifactError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise ArtifactError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return jsonl_objects(text, path, ArtifactError)
 
 
 def _process_alive(pid: int) -> bool:

@@ -43,6 +43,22 @@ def _format_of(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+def jsonl_objects(text: str, path: str | Path, error: type[UserError] = DataError) -> list[dict]:
+    """The JSON objects of a JSON-lines text (blank lines skipped); `error` names the file and line of a bad one."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as problem:
+            raise error(f"{path}: line {number}: invalid JSON ({problem.msg})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """All rows of a tabular data file or saved dataset directory, as dicts."""
     path = Path(path)
@@ -57,17 +73,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: not a saved dataset directory ({error})") from None
     kind = _format_of(path)
     if kind == ".jsonl":
-        rows = []
-        for number, line in enumerate(_open_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        rows = jsonl_objects(_open_text(path), path)
         if not rows:
             raise DataError(f"{path}: empty file (no rows)")
     elif kind == ".json":
