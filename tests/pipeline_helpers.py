@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 import traceback
@@ -55,6 +57,12 @@ def snapshot(folder: Path) -> dict | None:
         p.relative_to(folder).as_posix(): (sha256_file(p), p.stat().st_mtime_ns) if p.is_file() else "folder"
         for p in sorted(folder.rglob("*"))
     }
+
+
+def hold_lock(run_dir: Path, pid: int) -> None:
+    """Write `run_dir`'s lock as process `pid` on this host would hold it."""
+    holder = {"pid": pid, "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00"}
+    (run_dir / ".lock").write_text(json.dumps(holder), encoding="utf-8")
 
 
 def write_subsets(folder: Path, lines: dict[str, int]) -> None:

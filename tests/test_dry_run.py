@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
-from pipeline_helpers import clone, run, snapshot, write_tiny_rlhf
+from pipeline_helpers import clone, hold_lock, run, snapshot, write_tiny_rlhf
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
 
@@ -113,8 +112,7 @@ def test_corrupted_output_is_reported_and_exits_2(tiny_rlhf, tmp_path, capsys) -
 
 def test_lock_held_by_another_process_is_reported_and_left_alone(tiny_rlhf, tmp_path, capsys) -> None:
     run_dir = clone(tiny_rlhf, tmp_path)
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00"}
-    (run_dir / ".lock").write_text(json.dumps(holder), encoding="utf-8")
+    hold_lock(run_dir, os.getpid())
     before = snapshot(run_dir)
     code, out, err = run(capsys, tiny_rlhf.pipeline, "--run-dir", run_dir, "--dry-run")
     assert code == 2
@@ -129,8 +127,7 @@ def test_stale_lock_counts_as_free_and_is_left_alone(tiny_rlhf, tmp_path, capsys
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     run_dir = clone(tiny_rlhf, tmp_path)
-    holder = {"pid": gone.pid, "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00"}
-    (run_dir / ".lock").write_text(json.dumps(holder), encoding="utf-8")
+    hold_lock(run_dir, gone.pid)
     before = snapshot(run_dir)
     code, out, err = run(capsys, tiny_rlhf.pipeline, "--run-dir", run_dir, "--dry-run")
     assert code == 0, err

@@ -22,7 +22,7 @@ import yaml
 from rlhf.artifacts import building_dir, read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
 from rlhf.config import load_pipeline, stage_config_dict
 
-from pipeline_helpers import add_trainer_callback, at_step, clone, run, run_killed, run_once, write_subsets, write_yaml
+from pipeline_helpers import add_trainer_callback, at_step, clone, hold_lock, run, run_killed, run_once, write_subsets, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -486,8 +486,7 @@ def test_corrupted_artifact_stops_before_training(base, tmp_path, capsys) -> Non
 
 def test_lock_held_by_live_process_refuses(base, tmp_path, capsys) -> None:
     run_dir = clone(base, tmp_path)
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00"}
-    (run_dir / ".lock").write_text(json.dumps(holder), encoding="utf-8")
+    hold_lock(run_dir, os.getpid())
     before = snapshot(run_dir)
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--force")
     assert code == 2
