@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Loading a local checkpoint needs no "Loading weights" bar; our own bars show the long work.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from rlhf.distributed import is_main_process
+    from rlhf.distributed import is_main_process, leave
     from rlhf.errors import TrainingDiverged, UserError
 
     def terminated(signum, frame):  # SIGTERM ends a run like Ctrl-C: lock released, checkpoints kept
@@ -435,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.handler(args)
+        leave(synchronise=True)
     except UserError as error:
         report(error)
         return 2
@@ -453,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             resumes = "; checkpoints already saved are kept and the same command resumes from the last of them"
             print("interrupted" + (resumes if args.command == "run" else ""), file=sys.stderr)
         return 130
+    finally:
+        leave()
     return 0
 
 

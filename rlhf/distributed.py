@@ -18,6 +18,7 @@ import datetime
 import math
 import os
 import pickle
+import sys
 from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -61,6 +62,19 @@ def init() -> None:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT_TIMEOUT)
+
+
+def leave(synchronise: bool = False) -> None:
+    """Leave the process group before the interpreter exits (once joined; a no-op otherwise). A
+    process that exits with the group alive can abort in gloo's threads ("terminate called without
+    an active exception"). `synchronise`: wait for every process first (on the way out of a
+    finished command; not after an error, where another process may never arrive)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if synchronise:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _device():
