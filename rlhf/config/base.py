@@ -1,0 +1,138 @@
+"""Settings shared by several stages: the value checks, the model shape, the optimizer, the Trainer
+stages' loop, LoRA. Every field is documented once, below its declaration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_INT = 2**31 - 1
+"""Largest integer any setting takes: larger ones are typos, and overflow the libraries' C integers."""
+MAX_FLOAT = 1e6
+"""Largest magnitude any real-valued setting takes (rates, coefficients, penalties, epochs)."""
+MAX_VOCAB = 1_000_000
+"""Largest BPE vocabulary: far beyond any corpus this trains on (a typo such as 10**12 aborts the tokenizer trainer)."""
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+"""The Linear layers of `rlhf.model` that LoRA adapters can wrap."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelShape:
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    n_positions: int = 256
+    """Context length: the longest sequence the model can read."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residual branches (pretraining and SFT only)."""
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            _check(getattr(self, name) > 0, f"{name}: must be positive, got {getattr(self, name)}")
+        _check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class OptimizationConfig:
+    """Optimizer settings shared by every training stage, PPO included."""
+
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    lr_schedule: str = "cosine"
+    """After warm-up: 'cosine' (down to min_lr where the stage has one, else 0), 'linear' (down to 0) or 'constant'."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to lr."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables it."""
+    amp: str = "auto"
+    """Mixed precision: 'auto' (bf16 on CUDA where supported, else fp16; fp32 on CPU), 'bf16', 'fp16', 'off'."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"lr: must be positive, got {self.lr}")
+        _check(self.lr_schedule in ("cosine", "linear", "constant"), f"lr_schedule: unknown {self.lr_schedule!r}")
+        _check(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
+        _check(self.amp in ("auto", "bf16", "fp16", "off"), f"amp: unknown {self.amp!r}")
+
+
+@dataclass
+class TrainingConfig(OptimizationConfig):
+    """Settings shared by the Trainer-based stages (pretrain, sft, reward)."""
+
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means `epochs` passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is -1."""
+    batch_size: int = 16
+    """Sequences per process (device) per micro-batch: an optimizer step sees processes x batch_size x grad_accum."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    eval_fraction: float = 0.05
+    """Share of the data held out for evaluation (the last rows, or the tail of a text corpus)."""
+    eval_every: int = 0
+    """Evaluate every this many steps; 0 evaluates once, at the end."""
+    eval_batch_size: int = 32
+    """Sequences per evaluation batch."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    save_every: int = 100
+    """Write a resumable checkpoint every this many steps."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile the model (worth it on CUDA for long runs; the first steps are slow while it compiles)."""
+    max_nonfinite_steps: int = 10
+    """Stop after this many optimizer steps in a row with a NaN or inf loss or gradient (each one is skipped)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.max_steps == -1 or self.max_steps > 0, f"max_steps: must be -1 or positive, got {self.max_steps}")
+        _check(self.epochs > 0, f"epochs: must be positive, got {self.epochs}")
+        _check(self.batch_size > 0, f"batch_size: must be positive, got {self.batch_size}")
+        _check(self.grad_accum > 0, f"grad_accum: must be positive, got {self.grad_accum}")
+        _check(0 <= self.min_lr <= self.lr, f"min_lr: must be in [0, lr], got {self.min_lr}")
+        _check(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1/adam_beta2: must be in [0, 1)")
+        _check(0 < self.eval_fraction < 1, f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+        for name in ("eval_every", "log_every", "save_every"):
+            _check(getattr(self, name) >= 0, f"{name}: must be >= 0")
+        _check(self.max_nonfinite_steps > 0, f"max_nonfinite_steps: must be positive, got {self.max_nonfinite_steps}")
+
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: float = 16.0
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers that get adapters."""
+
+    def __post_init__(self):
+        _check(self.r > 0, f"r: must be positive, got {self.r}")
+        _check(self.alpha > 0, f"alpha: must be positive, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "target_modules: name at least one layer")
+        for name in self.target_modules:
+            _check(name in LORA_TARGETS, f"target_modules: {name!r} matches no layer (the model has {', '.join(LORA_TARGETS)})")
+
+
