@@ -65,7 +65,8 @@ def test_group_advantages_match_reference_formulas_on_random_scores():
     loo = [[r[i] - (r.sum() - r[i]) / (g - 1) for i in range(g)] for r in grouped]
     close(rloo_advantages(scores, g), t(loo).reshape(-1), atol=1e-12)
     close(dr_grpo_advantages(scores, g), (grouped - grouped.mean(1, keepdim=True)).reshape(-1), atol=1e-12)
-    assert GROUP_ADVANTAGES == {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+    assert GROUP_ADVANTAGES == {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages,
+                                "rloo": rloo_advantages}
 
 
 def test_identical_and_singleton_groups_give_exactly_zero():
