@@ -12,9 +12,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from rlhf.generation import generate, left_pad
 from rlhf.ppo_math import kl_k1
-from rlhf.responses import decode_responses, encode_prompts, prompt_text
+from rlhf.responses import decode_responses, encode_prompts, prompt_text, sample_batch
 
 
 @dataclass
@@ -79,7 +78,7 @@ def sample_policy(
     sampled log-ratio of the kept answers would measure the base policy, not best-of-n (its KL is
     `best_of_n_kl`).
     """
-    from rlhf.ppo import normalised_scores, response_logprobs
+    from rlhf.rl_models import normalised_scores, response_logprobs
 
     if best_of < 1:
         raise ValueError(f"best_of must be >= 1, got {best_of}")
@@ -87,15 +86,12 @@ def sample_policy(
         raise ValueError("best-of-n sampling needs a reward model and takes no reference (its KL is analytic)")
     device = next(policy.parameters()).device
     encoded = encode_prompts(tokenizer, prompts)
-    limit = policy.config.n_positions - max_new_tokens
     per_batch = max(1, batch_size // best_of)
     result = PolicySamples(prompts=list(prompts), responses=[])
     for number, start in enumerate(range(0, len(encoded), per_batch)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number)
-        rows = [e[-limit:] for e in encoded[start : start + per_batch] for _ in range(best_of)]
-        ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
-        sample = generate(policy, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                          temperature=temperature, generator=generator)  # fmt: skip
+        sample = sample_batch(policy, tokenizer, encoded[start : start + per_batch], max_new_tokens, temperature,
+                              generator, copies=best_of)  # fmt: skip
         if reward_model is not None:
             scores = normalised_scores(reward_model, sample.sequences, sample.attention_mask)  # (B * best_of,)
             kept = best_candidates(scores, best_of)  # (B,); every row when best_of is 1

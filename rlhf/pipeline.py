@@ -320,17 +320,15 @@ def run_reasons(
 
 def resume_note(run_dir: Path, name: str, stage_fingerprint: str) -> str:
     """Where a build of stage `name` would start: from the last complete checkpoint of an interrupted build
-    with the same fingerprint (as `rlhf.training.resume_point` and the PPO stage's `latest_checkpoint` choose)."""
-    from rlhf.stages.ppo import CHECKPOINT_FILES as PPO_CHECKPOINT_FILES
+    with the same fingerprint (as `rlhf.checkpoints.resume_checkpoint` chooses, without deleting anything)."""
+    from rlhf.checkpoints import complete_checkpoints, same_fingerprint
 
     building, final = building_dir(run_dir, name), run_dir / name
     staging = building if building.exists() else final if final.is_dir() and not is_complete(final) else None  # as `begin_build`
     root = staging / CHECKPOINTS if staging else None
     if root is None or not root.is_dir():
         return ""
-    stamp = root / "fingerprint"
-    if not stamp.is_file() or stamp.read_text(encoding="utf-8").strip() != stage_fingerprint:
+    if not same_fingerprint(root, stage_fingerprint):
         return f"; from scratch (the checkpoints in {root} are of another config or inputs and are deleted)"
-    steps = [int(p.name.split("-")[1]) for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    steps += [int(p.name.split("-")[1]) for p in root.glob("step-*") if not p.name.endswith(".tmp") and all((p / f).is_file() for f in PPO_CHECKPOINT_FILES)]
-    return f"; resume from checkpoint step {max(steps)} in {staging.name}/" if steps else "; from scratch (no complete checkpoint)"
+    done = complete_checkpoints(root)
+    return f"; resume from checkpoint step {done[-1].name.split('-')[1]} in {staging.name}/" if done else "; from scratch (no complete checkpoint)"

@@ -282,7 +282,8 @@ class FixedKLController:
 # ----------------------------------------------------------------------------- rollout container
 @dataclass
 class Rollout:
-    """One PPO batch of sampled episodes. Every tensor field has the batch B as first dim."""
+    """One batch of sampled episodes, as every RL algorithm trains on it. Every tensor field has the
+    batch B as first dim; the fields after ``prompt_length`` are only PPO's (None without a critic)."""
 
     query_responses: Tensor
     """(B, P+T) long: left-padded prompts followed by the sampled responses (padded after stop)."""
@@ -295,18 +296,18 @@ class Rollout:
     same forward the update computes them with (so the first ratio is 1)."""
     ref_logprobs: Tensor
     """(B, T): reference (SFT) model log-probs of the same tokens, same temperature."""
-    values: Tensor
-    """(B, T): value-head estimates at sampling."""
     scores: Tensor
     """(B,): reward-model scores, normalised, after the no-EOS penalty."""
-    rewards: Tensor
-    """(B, T): KL-penalised per-token rewards (``kl_penalised_rewards``)."""
     advantages: Tensor
-    """(B, T): GAE advantages (``gae_advantages``, whitened or not as the trainer chooses)."""
-    returns: Tensor
-    """(B, T): value targets, advantages + values."""
+    """(B, T): per-token advantages (GAE for PPO; group or batch baselines for the critic-free algorithms)."""
     prompt_length: int
     """P: the response starts at column P of ``query_responses``."""
+    values: Optional[Tensor] = None
+    """(B, T): value-head estimates at sampling."""
+    rewards: Optional[Tensor] = None
+    """(B, T): KL-penalised per-token rewards (``kl_penalised_rewards``)."""
+    returns: Optional[Tensor] = None
+    """(B, T): value targets, advantages + values."""
 
     def __len__(self) -> int:
         return self.query_responses.shape[0]

@@ -13,7 +13,7 @@ import torch
 
 from rlhf.data import prompt_messages
 from rlhf.errors import ConfigError
-from rlhf.generation import generate, left_pad
+from rlhf.generation import GenerationResult, generate, left_pad
 
 
 def prompt_text(prompt: Any) -> str:
@@ -38,6 +38,30 @@ def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Te
     return texts
 
 
+def sample_batch(
+    model,
+    tokenizer,
+    prompt_tokens: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    copies: int = 1,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> GenerationResult:
+    """The one batched sampler: each token prompt `copies` times in adjacent rows, left-padded, answered
+    by our KV-cache engine. A prompt longer than the context less `max_new_tokens` keeps its end, where
+    the question is (the RL stages count such prompts up front). Temperature 0 is greedy."""
+    device = next(model.parameters()).device
+    limit = model.config.n_positions - max_new_tokens
+    rows = [tokens[-limit:] for tokens in prompt_tokens for _ in range(copies)]
+    ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
+    return generate(
+        model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+    )  # fmt: skip
+
+
 def sample_responses(
     model,
     tokenizer,
@@ -49,19 +73,13 @@ def sample_responses(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> list[str]:
-    """One response per prompt; temperature 0 is greedy. Reproducible for a given seed and batch size."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    """One response text per prompt; temperature 0 is greedy. Reproducible for a given seed and batch size."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     encoded = encode_prompts(tokenizer, prompts)
-    limit = model.config.n_positions - max_new_tokens
     texts: list[str] = []
     for start in range(0, len(encoded), batch_size):
-        batch = [ids[-limit:] for ids in encoded[start : start + batch_size]]  # keep the prompt's end
-        ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
-        result = generate(
-            model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-        )  # fmt: skip
+        result = sample_batch(model, tokenizer, encoded[start : start + batch_size], max_new_tokens, temperature,
+                              generator, top_k=top_k, top_p=top_p)  # fmt: skip
         texts += decode_responses(tokenizer, result.responses, result.response_mask)
     return texts
 

@@ -8,7 +8,6 @@ PPO's own loop too.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import sys
 import threading
@@ -20,14 +19,15 @@ from typing import NoReturn
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from rlhf.artifacts import CHECKPOINTS, append_metrics, atomic_write_text, truncate_metrics
-from rlhf.config import TrainingConfig
+from rlhf.artifacts import CHECKPOINTS, append_metrics
+from rlhf.checkpoints import resume_checkpoint
+from rlhf.config import LR_SCHEDULES, TrainingConfig
 from rlhf.distributed import any_process, barrier, every_process, is_main_process, on_main
 from rlhf.errors import TrainingDiverged
 
-SCHEDULERS = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+SCHEDULE_ARGUMENTS = {"cosine": {"min_lr_rate": 0.0}, "linear": {}, "constant": {}}
+"""Their arguments where a stage has no `min_lr` of its own (the RL stages): cosine decays to 0."""
 
 
 def precision_flags(amp: str) -> dict[str, bool]:
@@ -60,7 +60,7 @@ def trainer_arguments(args_class: type, config: TrainingConfig, stage_dir: Path,
         per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr,
-        lr_scheduler_type=SCHEDULERS[config.lr_schedule],
+        lr_scheduler_type=LR_SCHEDULES[config.lr_schedule],
         lr_scheduler_kwargs=scheduler_kwargs,
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
@@ -215,28 +215,11 @@ class GracefulStop(TrainerCallback):
 
 
 def resume_point(stage_dir: Path, fingerprint: str) -> str | None:
-    """The last checkpoint of an interrupted build (in the staging folder `stage_dir`) with the same
-    fingerprint, else None. Checkpoints written under another config or other inputs are deleted
-    rather than resumed; a completed build's checkpoints went with it into the stage folder.
-    """
-    root = stage_dir / CHECKPOINTS
-    stamp = root / "fingerprint"
-    if root.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stamp, fingerprint)
-    # A kill during a save leaves a folder without trainer_state.json (written last): not resumable.
-    for folder in root.glob("checkpoint-*"):
-        if not (folder / "trainer_state.json").is_file():
-            shutil.rmtree(folder)
-    last = get_last_checkpoint(str(root))
-    if last is None:
-        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-        return None
-    step = int(Path(last).name.split("-")[-1])
-    truncate_metrics(stage_dir, step)
-    print(f"resuming from {last}")
-    return last
+    """The checkpoint a Trainer stage resumes from (`rlhf.checkpoints.resume_checkpoint`), as the path TRL takes."""
+    last = resume_checkpoint(stage_dir, fingerprint)
+    if last is not None:
+        print(f"resuming from {last}")
+    return str(last) if last is not None else None
 
 
 def train(trainer, ctx) -> float:

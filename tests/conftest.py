@@ -56,7 +56,7 @@ def randomize_(model, scale: float = 0.3, seed: int = 0):
 
 
 def tiny_ppo_models(seed: int = 0):
-    """PPOModels of tiny randomised float32 models: the policy, an identical reference, a reward
+    """RLModels of tiny randomised float32 models: the policy, an identical reference, a reward
     model and a value model; a stand-in tokenizer (pad 0, EOS 1)."""
     import copy
     from types import SimpleNamespace
@@ -64,7 +64,7 @@ def tiny_ppo_models(seed: int = 0):
     import torch
 
     from rlhf.model import RlhfForCausalLM, RlhfForSequenceClassification
-    from rlhf.ppo import PPOModels
+    from rlhf.rl_models import RLModels
 
     torch.manual_seed(seed)
     config = make_config(pad_token_id=0, eos_token_id=1)
@@ -73,7 +73,7 @@ def tiny_ppo_models(seed: int = 0):
     reward = randomize_(RlhfForSequenceClassification(config), seed=seed + 1).eval().requires_grad_(False)
     value = randomize_(RlhfForSequenceClassification(config), seed=seed + 2).eval()
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
-    return PPOModels(policy=policy, value=value, reward=reward, reference=reference, tokenizer=tokenizer)
+    return RLModels(policy=policy, value=value, reward=reward, reference=reference, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""rlhf.ppo on tiny models on the CPU, in float32: the rollout's log-probabilities and KL, the
+"""rlhf.ppo (and the shared rlhf.rl_models / rlhf.rl_training it runs on) on tiny models on the CPU, in float32: the rollout's log-probabilities and KL, the
 update's statistics, and what is computed with or without gradient."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_ppo_models
-from rlhf.ppo import response_logprobs
+from rlhf.rl_models import response_logprobs
 
 P, N = 5, 6  # prompt width, new tokens
 
@@ -48,11 +48,19 @@ def prompts(count: int = 8, seed: int = 0) -> list[list[int]]:
 
 
 def rollout_of(models, config, seed: int = 0):
-    from rlhf.ppo import make_rollout
+    from rlhf.ppo import PPO
 
     tokens = prompts(config.rollout_batch_size, seed)
     generator = torch.Generator().manual_seed(seed)
-    return make_rollout(models, tokens, [""] * len(tokens), config, beta=0.1, generator=generator)
+    return PPO(models, config).rollout_step(tokens, [""] * len(tokens), 0.1, generator)
+
+
+def ppo_update(models, rollout, config, accelerator, optimizer, scheduler, generator) -> dict:
+    """The driver's update of PPO's steps over one rollout."""
+    from rlhf.ppo import PPO
+    from rlhf.rl_training import update
+
+    return update(models, PPO(models, config), rollout, config, 0.1, accelerator, optimizer, scheduler, generator)
 
 
 def accelerator_on_cpu():
@@ -68,7 +76,6 @@ def test_old_logprobs_are_the_training_forwards(monkeypatch) -> None:
     from the KV-cache sampling engine): with the policy equal to the reference the per-token KL is
     0, and the first minibatch's importance ratio is 1, on every response token."""
     import rlhf.ppo
-    from rlhf.ppo import ppo_update
 
     models, config = tiny_ppo_models(), ppo_config()
     rollout, stats = rollout_of(models, config)
@@ -92,8 +99,6 @@ def test_old_logprobs_are_the_training_forwards(monkeypatch) -> None:
 
 
 def update_statistics(models, rollout, config) -> dict:
-    from rlhf.ppo import ppo_update
-
     optimizer = torch.optim.SGD(list(models.policy.parameters()) + list(models.value.parameters()), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return ppo_update(models, rollout, config, accelerator_on_cpu(), optimizer, scheduler, torch.Generator().manual_seed(0))
@@ -132,7 +137,7 @@ def stopped_rows(rollout, eos: int) -> torch.Tensor:
 
 
 def rm_scores(models, rollout) -> torch.Tensor:
-    from rlhf.ppo import normalised_scores
+    from rlhf.rl_models import normalised_scores
 
     return normalised_scores(models.reward, rollout.query_responses, rollout.attention_mask)
 
@@ -141,17 +146,18 @@ def rm_scores(models, rollout) -> torch.Tensor:
 def test_score_normalisation_is_measured_on_responses_sampled_as_rollouts_are(monkeypatch, minimum, over) -> None:
     """The mean and std come from the reward model's scores of the very token sequences rollouts of the
     same prompts and generator would hold: of those that stopped, or of all when too few did."""
-    import rlhf.ppo
-    from rlhf.ppo import measure_score_normalisation
+    import rlhf.rl_models
+    from rlhf.ppo import PPO
+    from rlhf.rl_models import measure_score_normalisation
 
-    monkeypatch.setattr(rlhf.ppo, "MIN_NORMALISATION_SAMPLES", minimum)
+    monkeypatch.setattr(rlhf.rl_models, "MIN_NORMALISATION_SAMPLES", minimum)
     models, config = tiny_ppo_models(), ppo_config(rollout_batch_size=16)
     tokens = prompts(32, seed=1)
     measured = measure_score_normalisation(models, tokens, config, torch.Generator().manual_seed(5))
 
     generator, scores, stopped = torch.Generator().manual_seed(5), [], []
     for start in (0, 16):  # rollouts of the same prompts, the generator's stream continued
-        rollout, _ = rlhf.ppo.make_rollout(models, tokens[start : start + 16], [""] * 16, config, 0.1, generator)
+        rollout, _ = PPO(models, config).rollout_step(tokens[start : start + 16], [""] * 16, 0.1, generator)
         scores.append(rm_scores(models, rollout))
         stopped.append(stopped_rows(rollout, models.tokenizer.eos_token_id))
     scores, stopped = torch.cat(scores), torch.cat(stopped)
@@ -163,13 +169,13 @@ def test_score_normalisation_is_measured_on_responses_sampled_as_rollouts_are(mo
 
 
 def test_score_normalisation_without_prompts_is_the_identity() -> None:
-    from rlhf.ppo import ScoreNormalisation, measure_score_normalisation
+    from rlhf.rl_models import ScoreNormalisation, measure_score_normalisation
 
     assert measure_score_normalisation(tiny_ppo_models(), [], ppo_config(), torch.Generator()) == ScoreNormalisation()
 
 
 def test_rollout_scores_are_normalised_where_the_response_stopped() -> None:
-    from rlhf.ppo import ScoreNormalisation
+    from rlhf.rl_models import ScoreNormalisation
 
     models, config = tiny_ppo_models(), ppo_config(rollout_batch_size=16, missing_eos_penalty=-7.0)
     models.score_normalisation = ScoreNormalisation(mean=0.3, std=1.5)
@@ -183,7 +189,7 @@ def test_rollout_scores_are_normalised_where_the_response_stopped() -> None:
 def test_value_model_starts_on_the_scale_of_ppo_scores() -> None:
     """use_score_normalisation folds into the value head the reward model's stored normalisation (here an
     older model's 0.5 and 2) and PPO's own (0.3 and 1.5): its outputs are on the scale of PPO's scores."""
-    from rlhf.ppo import ScoreNormalisation, use_score_normalisation
+    from rlhf.rl_models import ScoreNormalisation, use_score_normalisation
 
     models = tiny_ppo_models()
     models.value.config.reward_mean, models.value.config.reward_std = 0.5, 2.0

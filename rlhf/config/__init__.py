@@ -34,9 +34,9 @@ from rlhf.data import decode_utf8
 from rlhf.errors import ConfigError
 
 from rlhf.config.base import (  # noqa: F401  (the settings every stage shares)
-    LORA_TARGETS, MAX_FLOAT, MAX_INT, MAX_VOCAB, LoraSettings, ModelShape, OptimizationConfig, TrainingConfig, _check,
+    LORA_TARGETS, LR_SCHEDULES, MAX_FLOAT, MAX_INT, MAX_VOCAB, LoraSettings, ModelShape, OptimizationConfig, TrainingConfig, _check,
 )
-from rlhf.config.rl import PPOConfig  # noqa: F401
+from rlhf.config.rl import CriticFreeConfig, GRPOConfig, PPOConfig, ReinforcePPConfig, RLConfig, RLOOConfig  # noqa: F401
 from rlhf.config.stages import (  # noqa: F401
     PACKINGS, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig, TokenizerConfig,
 )

@@ -15,6 +15,10 @@ LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 """The Linear layers of `rlhf.model` that LoRA adapters can wrap."""
 
 
+LR_SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+"""Our learning-rate schedule names (`OptimizationConfig.lr_schedule`) -> transformers' scheduler types."""
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -57,7 +61,7 @@ class OptimizationConfig:
 
     def __post_init__(self):
         _check(self.lr > 0, f"lr: must be positive, got {self.lr}")
-        _check(self.lr_schedule in ("cosine", "linear", "constant"), f"lr_schedule: unknown {self.lr_schedule!r}")
+        _check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule: must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         _check(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         _check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
         _check(self.amp in ("auto", "bf16", "fp16", "off"), f"amp: unknown {self.amp!r}")
