@@ -24,7 +24,9 @@ import rlhf  # noqa: F401
 from rlhf.config import load_pipeline
 from rlhf.convert import rlhf_to_gpt2
 from rlhf.model import RlhfConfig, RlhfForCausalLM, RlhfForSequenceClassification
-from rlhf.ppo import PPOModels, make_rollout, ppo_update
+from rlhf.ppo import PPO
+from rlhf.rl_models import RLModels
+from rlhf.rl_training import update
 from rlhf.ppo_math import FixedKLController
 
 
@@ -48,7 +50,7 @@ def main() -> None:
                         n_layer=shape.n_layer, n_head=shape.n_head, pad_token_id=0, eos_token_id=1)  # fmt: skip
     policy, reference = RlhfForCausalLM(config), RlhfForCausalLM(config).eval()
     reward, value = RlhfForSequenceClassification(config).eval(), RlhfForSequenceClassification(config)
-    models = PPOModels(policy=policy, value=value, reward=reward, reference=reference, tokenizer=_Tokens())
+    models = RLModels(policy=policy, value=value, reward=reward, reference=reference, tokenizer=_Tokens())
 
     from accelerate import Accelerator
 
@@ -61,8 +63,9 @@ def main() -> None:
 
     splits = {"time_generate": [], "time_score": [], "time_update": []}
     for iteration in range(args.iterations + 1):  # the first is warm-up
-        rollout, stats = make_rollout(models, prompts, texts, ppo, kl.value, torch.Generator().manual_seed(iteration))
-        stats.update(ppo_update(models, rollout, ppo, accelerator, optimizer, schedule, torch.Generator().manual_seed(0)))
+        algorithm = PPO(models, ppo)
+        rollout, stats = algorithm.rollout_step(prompts, texts, kl.value, torch.Generator().manual_seed(iteration))
+        stats.update(update(models, algorithm, rollout, ppo, kl.value, accelerator, optimizer, schedule, torch.Generator().manual_seed(0)))
         if iteration:
             for key in splits:
                 splits[key].append(stats[key])

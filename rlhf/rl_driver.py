@@ -192,8 +192,8 @@ class RLRun:
         limit = unwrapped(models.policy).config.n_positions - config.max_new_tokens
         cut = sum(len(ids) > limit for ids in encoded)
         if cut and is_main_process():
-            print(f"{self.ctx.name}: {cut} of {len(encoded)} prompts are longer than {limit} tokens (the context less "
-                  f"max_new_tokens {config.max_new_tokens}): only their last {limit} are kept")  # fmt: skip
+            print(f"{self.ctx.name}: {cut} of {len(encoded)} prompts are longer than {limit} tokens (the context "
+                  f"{limit + config.max_new_tokens} less max_new_tokens {config.max_new_tokens}): only their last {limit} are kept")  # fmt: skip
         self.encoded = encoded
 
     # 3. Resume, or measure the score normalisation of a fresh run.
@@ -283,8 +283,9 @@ class RLRun:
                         "lower lr or check the reward model's scores"
                     )
                 # c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint, stop.
+                stats.update(step=step + 1, episodes=(step + 1) * episodes_per_step, lr=self.schedule.get_last_lr()[0],
+                             beta=controller.value)  # the beta this iteration trained with
                 controller.update(stats["kl"], episodes_per_step)
-                stats.update(step=step + 1, episodes=(step + 1) * episodes_per_step, lr=self.schedule.get_last_lr()[0], beta=controller.value)
                 if step == 0:
                     stats.update(score_norm_mean=norm.mean, score_norm_std=norm.std, score_norm_samples=norm.samples)
                 if is_main_process():

@@ -105,11 +105,11 @@ def at_step(monkeypatch, event: str, step: int, action) -> None:
     add_trainer_callback(monkeypatch, Act())
 
 
-def at_ppo_update(monkeypatch, iteration: int, action) -> None:
-    """Make PPO call `action()` as it starts the update of the `iteration`-th iteration this process runs."""
-    import rlhf.ppo
+def at_rl_update(monkeypatch, iteration: int, action) -> None:
+    """Make an RL stage call `action()` as it starts the update of the `iteration`-th iteration this process runs."""
+    import rlhf.rl_training
 
-    real, calls = rlhf.ppo.ppo_update, []
+    real, calls = rlhf.rl_training.update, []
 
     def update(*args, **kwargs):
         calls.append(None)
@@ -117,12 +117,12 @@ def at_ppo_update(monkeypatch, iteration: int, action) -> None:
             action()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rlhf.ppo, "ppo_update", update)
+    monkeypatch.setattr(rlhf.rl_training, "update", update)
 
 
 def run_killed(*args, step: int, event: str = "on_step_end", timeout: float = 300) -> None:
     """`rlhf run ARGS` in a child process that SIGKILLs itself at `event` of `step`: a TrainerCallback method
-    (e.g. 'on_step_end'), or 'ppo_update' (as the update of PPO iteration `step` starts).
+    (e.g. 'on_step_end'), or 'rl_update' (as the update of an RL stage's iteration `step` starts).
 
     The child is forked from this process, torch and transformers already imported (a fresh interpreter
     would spend most of the test importing them); its output goes to a log shown if it is not killed.
@@ -134,8 +134,8 @@ def run_killed(*args, step: int, event: str = "on_step_end", timeout: float = 30
         if pid == 0:  # the child: never returns into pytest
             try:
                 kill = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
-                if event == "ppo_update":
-                    at_ppo_update(pytest.MonkeyPatch(), step, kill)
+                if event == "rl_update":
+                    at_rl_update(pytest.MonkeyPatch(), step, kill)
                 else:
                     at_step(pytest.MonkeyPatch(), event, step, kill)
                 with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

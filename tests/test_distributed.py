@@ -79,7 +79,7 @@ print(json.dumps({"results": results, "torch": "torch" in sys.modules}))
 def test_prompt_chunks_of_an_iteration_split_the_stream_between_processes() -> None:
     """Iteration `step` of process `rank` takes chunk `step * world + rank`: together the processes take
     the next world x batch prompts of the one-process stream, each its own."""
-    from rlhf.stages.ppo import prompt_order
+    from rlhf.rl_driver import prompt_order
 
     n, batch, seed = 13, 4, 3
     stream = prompt_order(n, 0, 3 * WORLD * batch, seed)  # one process, one big chunk
@@ -97,7 +97,7 @@ def _reductions(rank: int) -> None:
 
     from rlhf.distributed import any_process, every_process, mean_over_processes, on_main
     from rlhf.errors import DataError
-    from rlhf.ppo import whiten_across_processes
+    from rlhf.rl_models import whiten_across_processes
     from rlhf.ppo_math import masked_whiten
 
     # Whitening over both processes' batches equals whitening their concatenation in one process.

@@ -125,19 +125,19 @@ def test_best_of_1_is_plain_sampling_with_the_same_seeds(tiny_models) -> None:
 
 
 def test_best_of_n_keeps_the_candidate_the_reward_model_scores_highest(tiny_models, monkeypatch) -> None:
-    import rlhf.evaluation as evaluation
-    from rlhf.ppo import normalised_scores
+    import rlhf.responses as responses
     from rlhf.responses import decode_responses
+    from rlhf.rl_models import normalised_scores
 
     policy, tokenizer, reward, prompts = tiny_models
     n, batches = 4, []
-    real = evaluation.generate
+    real = responses.generate
 
     def recording(*args, **kwargs):
         batches.append(real(*args, **kwargs))
         return batches[-1]
 
-    monkeypatch.setattr(evaluation, "generate", recording)
+    monkeypatch.setattr(responses, "generate", recording)
     best = sample_policy(policy, tokenizer, prompts, 8, seed=0, reward_model=reward, batch_size=8, best_of=n)
     assert len(best.responses) == len(best.rm_scores) == len(prompts)
     assert [len(b.stopped) for b in batches] == [8] * (len(prompts) * n // 8), "batches of batch_size rows: 2 prompts x 4"

@@ -25,7 +25,7 @@ import pytest
 from rlhf.artifacts import building_dir, read_manifest, read_metrics, verify_outputs
 from rlhf.cli import main
 
-from pipeline_helpers import PPO_STEPS, ROLLOUT, at_ppo_update, clone, run, run_killed
+from pipeline_helpers import PPO_STEPS, ROLLOUT, at_rl_update, clone, run, run_killed
 
 # Tiny policies give noisy k1 estimates; the stage's negative-KL warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
@@ -258,7 +258,7 @@ def test_sigterm_saves_a_checkpoint_after_the_iteration_and_resumes(base, tmp_pa
     run_dir = interrupted_copy(base, tmp_path)
     shutil.rmtree(run_dir / "ppo" / "checkpoints" / "step-2")
     with monkeypatch.context() as patch:
-        at_ppo_update(patch, 3, lambda: signal.raise_signal(signal.SIGTERM))
+        at_rl_update(patch, 3, lambda: signal.raise_signal(signal.SIGTERM))
         code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
     checkpoint = building_dir(run_dir, "ppo") / "checkpoints" / "step-3"
     assert code == 130 and f"ppo: stopped by SIGTERM; saved {checkpoint}" in err, err[-3000:]
@@ -276,7 +276,7 @@ def test_ppo_killed_at_a_random_iteration_resumes_to_the_same_models(base, tmp_p
     step = random.randint(1, PPO_STEPS)
     run_dir = clone(base, tmp_path)
     shutil.rmtree(run_dir / "ppo")
-    run_killed(base.pipeline, "--run-dir", run_dir, "--only", "ppo", step=step, event="ppo_update")
+    run_killed(base.pipeline, "--run-dir", run_dir, "--only", "ppo", step=step, event="rl_update")
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
     assert code == 0, err[-3000:]
     resumed = f"resuming from {building_dir(run_dir, 'ppo') / 'checkpoints' / 'step-2'}"
@@ -310,7 +310,9 @@ def test_checkpoint_keeps_the_fp16_gradient_scaler(tmp_path) -> None:
 
     from conftest import tiny_ppo_models
     from rlhf.ppo_math import FixedKLController
-    from rlhf.stages.ppo import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
+    from rlhf.rl_training import load_checkpoint, save_checkpoint
+
+    CHECKPOINT_FILES = ("policy.safetensors", "value.safetensors", "optimizer.pt", "state.json")
 
     models = tiny_ppo_models()
     optimizer = torch.optim.AdamW(list(models.policy.parameters()) + list(models.value.parameters()))
@@ -342,7 +344,7 @@ def reference_prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) ->
 
 
 def test_prompt_order_is_unchanged_and_shuffles_each_pass_once_per_call(monkeypatch) -> None:
-    import rlhf.stages.ppo as stage
+    import rlhf.rl_driver as stage
 
     for n, chunk, batch, seed in ((13, 0, 4, 3), (13, 3, 4, 3), (5, 2, 12, 0), (7, 11, 7, 9), (100, 1, 64, 1)):
         assert stage.prompt_order(n, chunk, batch, seed) == reference_prompt_order(n, chunk, batch, seed)
@@ -401,28 +403,29 @@ def test_adaptive_kl_moves_beta_toward_target(base, tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("weight", [1.0, 0.5, 0.0])
 def test_score_is_the_weighted_reward_model_plus_the_reward_functions(base, monkeypatch, weight) -> None:
-    """make_rollout's score on stopped responses: reward_model_weight x the normalised reward-model score + each
+    """The rollout's score on stopped responses: reward_model_weight x the normalised reward-model score + each
     reward function (weight 0, as in demo_gold_reward: the functions alone, the reward model only logged)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    import rlhf.ppo
+    import rlhf.responses
     from rlhf.config import PPOConfig
-    from rlhf.ppo import PPOModels, make_rollout, normalised_scores
+    from rlhf.ppo import PPO
     from rlhf.responses import encode_prompts
+    from rlhf.rl_models import RLModels, normalised_scores
 
-    real = rlhf.ppo.generate
+    real = rlhf.responses.generate
 
     def stopping(*args, **kwargs):  # tiny policies rarely stop in 8 tokens; the reward model counts only where they do
         sample = real(*args, **kwargs)
         sample.stopped = torch.ones_like(sample.stopped)
         return sample
 
-    monkeypatch.setattr(rlhf.ppo, "generate", stopping)
+    monkeypatch.setattr(rlhf.responses, "generate", stopping)
     sft, reward_dir = base.run_dir / "sft", base.run_dir / "reward"
     tokenizer = AutoTokenizer.from_pretrained(sft)
     reward = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
-    models = PPOModels(policy=AutoModelForCausalLM.from_pretrained(sft).eval(), value=reward, reward=reward,
+    models = RLModels(policy=AutoModelForCausalLM.from_pretrained(sft).eval(), value=reward, reward=reward,
                        reference=AutoModelForCausalLM.from_pretrained(sft).eval(), tokenizer=tokenizer)  # fmt: skip
     texts = ["What is 2 + 3?", "List 2 fruits.", "What is 7 - 4?", "List 3 colours."]
     given = []
@@ -432,8 +435,8 @@ def test_score_is_the_weighted_reward_model_plus_the_reward_functions(base, monk
         return given[-1]
 
     config = PPOConfig(prompts="unused", max_new_tokens=8, reward_model_weight=weight, reward_functions=["tests:words"])
-    rollout, stats = make_rollout(models, encode_prompts(tokenizer, texts), texts, config, beta=0.0,
-                                  generator=torch.Generator().manual_seed(0), reward_functions=[words])  # fmt: skip
+    rollout, stats = PPO(models, config, reward_functions=[words]).rollout_step(
+        encode_prompts(tokenizer, texts), texts, 0.0, torch.Generator().manual_seed(0))
     with torch.no_grad():
         rm = normalised_scores(reward, rollout.query_responses, rollout.attention_mask)
     assert rm.abs().min() > 1e-3 and len(set(given[0])) > 1, "both terms are visible"
