@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import (
-    STAGE_CONFIGS,
-    STAGE_ORDER,
     LoraSettings,
     ModelShape,
     PretrainConfig,
@@ -20,6 +18,7 @@ from rlhf.config import (
     load_pipeline,
 )
 from rlhf.errors import ConfigError, UserError
+from rlhf.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "pipelines").glob("*.yaml"))
@@ -76,7 +75,7 @@ def test_shipped_pipeline_parses_and_builds(path: Path) -> None:
     assert config.source == str(path)
     assert config.stages, f"{path.name} has no stages"
     for name, stage in config.stages.items():
-        assert name in STAGE_ORDER and isinstance(stage, STAGE_CONFIGS[name])
+        assert name in STAGES and isinstance(stage, STAGES[name].config)
     tokenizer = config.stages.get("tokenizer")
     # BPE vocabularies are exact; a char vocabulary depends on the corpus: any plausible size will do.
     vocab = tokenizer.vocab_size if tokenizer is not None and tokenizer.kind == "bpe" else 512
