@@ -122,8 +122,15 @@ def stage_order(config) -> list[str]:
     while len(order) < len(present):
         ready = [name for name in present if name not in order and needs[name] <= set(order)]
         if not ready:
-            stuck = [name for name in present if name not in order]
-            reads = "; ".join(f"{name} reads {', '.join(sorted(needs[name] - set(order)))}" for name in stuck)
-            raise ConfigError(f"{config.source}: stages {', '.join(stuck)} depend on each other in a cycle ({reads})")
+            raise ConfigError(f"{config.source}: stages: {' -> '.join(cycle(needs, order))}: each reads the next, in a cycle")
         order.append(ready[0])
     return order
+
+
+def cycle(needs: dict[str, set[str]], done: list[str]) -> list[str]:
+    """A cycle among the stages not `done` (each waits for one that is not done either), as a path
+    that ends where it starts: follow the first unmet need from the first waiting stage until one repeats."""
+    path = [next(name for name in needs if name not in done)]
+    while path.count(path[-1]) < 2:
+        path.append(min(needs[path[-1]] - set(done), key=list(needs).index))
+    return path[path.index(path[-1]) :]
