@@ -65,6 +65,9 @@ on each other, and the order in which the report and `rlhf plots` list them."""
 
 POLICY_STAGES: tuple[str, ...] = tuple(name for name, stage in STAGES.items() if stage.policy)
 
+A_POLICY = f"a policy (the {', '.join(POLICY_STAGES[:-1])} or {POLICY_STAGES[-1]} stage's output)"
+"""What a policy folder is, for errors about a folder that is not one."""
+
 
 @dataclass
 class StageContext:
