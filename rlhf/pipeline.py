@@ -1,4 +1,5 @@
-"""Run a pipeline's stages in order through one artifact directory, skipping what is up to date.
+"""Run a pipeline's stages through one artifact directory, each after the stages it reads
+(`rlhf.stages.stage_order`), skipping what is up to date.
 
 A stage's fingerprint hashes its resolved config, the sha256 of its input files, the seed and its
 upstream stages' output hashes. A stage whose complete manifest records the same fingerprint,
