@@ -99,8 +99,8 @@ def check_model_dir(path: str | Path, architecture: str, what: str) -> dict:
     if not isinstance(found, list) or architecture not in found:
         found_text = ", ".join(map(str, found)) if isinstance(found, list) else repr(found)
         raise ArtifactError(f"{path}: expected {what} ({architecture}), found {found_text or 'no architecture'}")
-    manifest = read_manifest(path)
-    if manifest and manifest.get("status") == "complete":
+    manifest = complete_manifest(path)
+    if manifest:
         problem = verify_outputs(path, manifest)
         if problem:
             stage = manifest.get("stage", path.name)
@@ -199,9 +199,15 @@ def write_manifest(stage_dir: str | Path, manifest: dict) -> dict:
     return manifest
 
 
-def is_complete(stage_dir: str | Path) -> bool:
+def complete_manifest(stage_dir: str | Path) -> dict | None:
+    """The manifest of `stage_dir` if it marks the stage complete (written last, by `write_manifest`),
+    else None: the one test of "is this stage complete?"."""
     manifest = read_manifest(stage_dir)
-    return bool(manifest and manifest.get("status") == "complete")
+    return manifest if manifest and manifest.get("status") == "complete" else None
+
+
+def is_complete(stage_dir: str | Path) -> bool:
+    return complete_manifest(stage_dir) is not None
 
 
 def building_dir(run_dir: str | Path, stage: str) -> Path:

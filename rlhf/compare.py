@@ -152,6 +152,7 @@ def compare_policies(policies: list[str], settings: CompareSettings, progress: b
     import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.evaluation import answer_token_stats, best_of_n_kl, sample_policy
     from rlhf.responses import load_function
+    from rlhf.stages import A_POLICY
     from rlhf.statistics import corpus_bleu, distinct_n, mean_ci, paired_comparison
 
     # 1. Check every directory and read the prompts before loading any model.
@@ -160,7 +161,7 @@ def compare_policies(policies: list[str], settings: CompareSettings, progress: b
     specs = [parse_policy(policy) for policy in policies]
     paths = list(dict.fromkeys(spec.path for spec in specs))
     for path in paths + ([settings.reference] if settings.reference else []):
-        context = check_model_dir(path, CAUSAL_LM, "a policy (pretrain, sft or ppo stage output)").get("n_positions")
+        context = check_model_dir(path, CAUSAL_LM, A_POLICY).get("n_positions")
         if isinstance(context, int) and settings.max_new_tokens >= context:
             raise UserError(f"--max-new-tokens {settings.max_new_tokens}: must be less than the context of {path} ({context} tokens)")
     check_model_dir(settings.reward, REWARD_MODEL, "a reward model (the reward stage's output)")

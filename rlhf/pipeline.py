@@ -1,4 +1,5 @@
-"""Run a pipeline's stages in order through one artifact directory, skipping what is up to date.
+"""Run a pipeline's stages through one artifact directory, each after the stages it reads
+(`rlhf.stages.stage_order`), skipping what is up to date.
 
 A stage's fingerprint hashes its resolved config, the sha256 of its input files, the seed and its
 upstream stages' output hashes. A stage whose complete manifest records the same fingerprint,
@@ -28,18 +29,19 @@ from typing import Any, Collection
 import yaml
 
 from rlhf.artifacts import (
-    CHECKPOINTS, RunLock, aside_dir, building_dir, is_complete, nonfinite_weights, now, read_manifest, recover_swap, sha256_file,
-    sha256_json, swap_in, verify_outputs, write_manifest,
+    CHECKPOINTS, RunLock, aside_dir, building_dir, complete_manifest, is_complete, nonfinite_weights, now, read_manifest,
+    recover_swap, sha256_file, sha256_json, swap_in, verify_outputs, write_manifest,
 )  # fmt: skip
-from rlhf.config import STAGE_ORDER, PipelineConfig, stage_config_dict
+from rlhf.config import PipelineConfig, stage_config_dict
 from rlhf.distributed import is_main_process, on_main
 from rlhf.errors import ArtifactError, ConfigError, DataError, TrainingDiverged, UserError
-from rlhf.stages import StageContext, stage_module
+from rlhf.stages import STAGES, StageContext, stage_module, stage_order
 
 
 def plan(config: PipelineConfig, only: str | None = None, start: str | None = None) -> list[str]:
-    """The stages to consider, in order."""
-    stages = [name for name in STAGE_ORDER if name in config.stages]
+    """The stages to consider, each after the upstream stages it reads (`rlhf.stages.stage_order`); `--from`
+    starts at a stage of that order."""
+    stages = stage_order(config)
     for flag, name in (("--only", only), ("--from", start)):
         if name is not None and name not in stages:
             raise ConfigError(f"{flag} {name}: not a stage of {config.source} (it has {', '.join(stages)})")
@@ -68,8 +70,8 @@ def fingerprint(config: PipelineConfig, name: str, run_dir: Path) -> tuple[str, 
     module = stage_module(name)
     upstream = {}
     for parent in module.upstream(config.stages[name]):
-        manifest = read_manifest(run_dir / parent)
-        upstream[parent] = sha256_json(manifest.get("outputs")) if manifest and manifest.get("status") == "complete" else None
+        manifest = complete_manifest(run_dir / parent)
+        upstream[parent] = sha256_json(manifest.get("outputs")) if manifest else None
     facts = {
         "config": stage_config_dict(config.stages[name]),
         "seed": config.seed,
@@ -105,9 +107,9 @@ def output_verdicts(run_dir: Path, forced: set[str]) -> dict[str, str | None]:
     """Stage -> None if the outputs its complete manifest records still have their hashes, else the
     problem; for every complete stage of `run_dir` that is not forced."""
     verdicts = {}
-    for name in STAGE_ORDER:
-        manifest = read_manifest(run_dir / name)
-        if name in forced or manifest is None or manifest.get("status") != "complete":
+    for name in STAGES:
+        manifest = complete_manifest(run_dir / name)
+        if name in forced or manifest is None:
             continue
         verdicts[name] = verify_outputs(run_dir / name, manifest)
     return verdicts
@@ -132,8 +134,8 @@ def forced_stages(stages: list[str], start: str | None, force: bool) -> set[str]
 def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str]) -> tuple[str, dict] | None:
     """(fingerprint, the facts it hashes) if stage `name` must run; None, saying so, if it is up to date."""
     stage_fingerprint, facts = fingerprint(config, name, run_dir)
-    manifest = read_manifest(run_dir / name)
-    if name not in forced and manifest and manifest.get("status") == "complete" and manifest.get("fingerprint") == stage_fingerprint:
+    manifest = complete_manifest(run_dir / name)
+    if name not in forced and manifest and manifest.get("fingerprint") == stage_fingerprint:
         print(f"[{name}] up to date, skipped (finished {manifest.get('finished')})")
         return None
     missing = [parent for parent, outputs in facts["upstream"].items() if outputs is None]
@@ -175,7 +177,7 @@ def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | N
     forced = forced_stages(stages, start, force)
     on_main(lambda: check_inputs(config, stages, run_dir))
     with run_lock(run_dir):
-        on_main(lambda: [recover_swap(run_dir, name) for name in STAGE_ORDER])
+        on_main(lambda: [recover_swap(run_dir, name) for name in STAGES])
         on_main(lambda: check_artifacts(run_dir, stages, forced))
         for name in stages:
             decision = on_main(lambda: next_run(config, name, run_dir, forced))
@@ -251,7 +253,7 @@ def describe_plan(
         lines.append(f"  lock: FAILED: {error}")
     else:
         lines.append(f"  lock: {run_dir} is free" if run_dir.is_dir() else f"  lock: {run_dir} does not exist yet (the run creates it)")
-    for name in STAGE_ORDER:
+    for name in STAGES:
         if aside_dir(run_dir, name).exists() or is_complete(building_dir(run_dir, name)):
             lines.append(f"  {name}: a swap was interrupted; the run settles it first (recover_swap), which this plan does not foresee")
     for name, problem in output_verdicts(run_dir, forced).items():
@@ -291,9 +293,9 @@ def run_reasons(
     """(why stage `name` must run, as against its manifest: [] if up to date; its fingerprint now). An upstream
     stage in `rebuilt` (planned to run before it) is left for the caller to name."""
     stage_fingerprint, facts = fingerprint(config, name, run_dir)
-    manifest = read_manifest(run_dir / name)
+    manifest = complete_manifest(run_dir / name)
     reasons = [f"forced ({'--from ' + start if start else '--force'})"] if name in forced else []
-    if not (manifest and manifest.get("status") == "complete"):
+    if not manifest:
         started = (run_dir / name).exists() or building_dir(run_dir, name).exists()
         return reasons + ["never completed (an interrupted or failed build)" if started else "never ran"], stage_fingerprint
     if manifest.get("fingerprint") == stage_fingerprint:

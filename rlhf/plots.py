@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 from rlhf.artifacts import read_metrics
-from rlhf.config import STAGE_ORDER
 
 NOT_CURVES = {"step", "epoch", "time", "episodes", "num_tokens", "total_flos"}
 X_LABELS = {"ppo": "PPO iteration"}
@@ -63,10 +62,17 @@ def plot_stage(stage_dir: Path, out: Path) -> Path | None:
     return out
 
 
+def logged_stages(run_dir: Path) -> list[str]:
+    """Every registered stage with a metrics.jsonl in `run_dir`, in registry order."""
+    from rlhf.stages import STAGES
+
+    return [stage for stage in STAGES if (run_dir / stage / "metrics.jsonl").is_file()]
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """`<run_dir>/plots/<stage>.png` for every stage that logged metrics."""
     run_dir = Path(run_dir)
-    stages = [stage for stage in STAGE_ORDER if (run_dir / stage / "metrics.jsonl").is_file()]
+    stages = logged_stages(run_dir)
     for stage in stages:  # every metrics file reads before the first plot is drawn: a bad one changes nothing
         read_metrics(run_dir / stage)
     written = []

@@ -86,6 +86,16 @@ def tiny_rlhf(tmp_path_factory):
     return run_once(write_tiny_rlhf(folder), folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory):
+    """One finished tiny tokenizer -> pretrain -> sft pipeline (tests/fixtures/tiny.yaml on data subsets) for
+    the whole session; tests that change a run work on a copy (`pipeline_helpers.clone`)."""
+    from pipeline_helpers import run_once, write_tiny_sft
+
+    folder = tmp_path_factory.mktemp("tiny_sft")
+    return run_once(write_tiny_sft(folder), folder)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: skipped, saying so, where there is none."""
     gpu = [item for item in items if "gpu" in item.keywords]

@@ -17,9 +17,13 @@ from types import SimpleNamespace
 
 import yaml
 
+from rlhf.artifacts import read_metrics, sha256_file
 from rlhf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny.yaml"
+ATOL = 1e-6
+"""Largest weight difference allowed between a resumed or re-run stage and one run straight through."""
 PPO_STEPS = 4
 ROLLOUT = 8
 
@@ -49,8 +53,6 @@ def clone(base, tmp_path: Path) -> Path:
 
 def snapshot(folder: Path) -> dict | None:
     """Every file's (sha256, mtime) and every folder under `folder`; None if it does not exist."""
-    from rlhf.artifacts import sha256_file
-
     if not folder.exists():
         return None
     return {
@@ -183,3 +185,51 @@ def write_tiny_rlhf(folder: Path, report: bool = True) -> Path:
         tree["stages"]["report"] = {"eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge",
                                     "max_new_tokens": 8, "batch_size": 4}  # fmt: skip
     return write_yaml(folder / "tiny_rlhf.yaml", tree)
+
+
+def write_tiny_sft(folder: Path) -> Path:
+    """The fixture pipeline with its data cut to small subsets of data_samples/ inside `folder`."""
+    write_subsets(folder, {"corpus.txt": 400, "sft.jsonl": 40, "eval.jsonl": 8})
+    tree = yaml.safe_load(FIXTURE.read_text(encoding="utf-8"))
+    tree["run_dir"] = str(folder / "run")
+    stages = tree["stages"]
+    stages["tokenizer"]["data"] = [str(folder / "corpus.txt")]
+    stages["pretrain"]["data"] = [str(folder / "corpus.txt")]
+    stages["sft"]["data"] = str(folder / "sft.jsonl")
+    stages["sft"]["eval_prompts"] = str(folder / "eval.jsonl")
+    return write_yaml(folder / "tiny.yaml", tree)
+
+
+def file_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file under `run_dir` (`snapshot` also records times and folders)."""
+    return {p.relative_to(run_dir).as_posix(): sha256_file(p) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def manifest_bytes(run_dir: Path, stage: str) -> bytes:
+    return (run_dir / stage / "manifest.json").read_bytes()
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, f"expected one 'error:' line in {err[-2000:]!r}"
+    return lines[0]
+
+
+def weights(stage_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(stage_dir / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        diff = (wa[name] - wb[name]).abs().max().item()
+        assert torch.allclose(wa[name], wb[name], rtol=0, atol=ATOL), f"{name}: max |diff| {diff:.3g} > atol {ATOL}"
+
+
+def loss_steps(stage_dir: Path) -> list[int]:
+    return [row["step"] for row in read_metrics(stage_dir) if "loss" in row]

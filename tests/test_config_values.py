@@ -15,9 +15,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf.config import MAX_FLOAT, MAX_INT, STAGE_CONFIGS, PipelineConfig, load_pipeline
+from rlhf.config import MAX_FLOAT, MAX_INT, PipelineConfig, load_pipeline
 from rlhf.errors import ConfigError
 from rlhf.responses import load_function
+from rlhf.stages import STAGES
 
 REQUIRED = {
     "tokenizer": {"data": ["a.txt"]}, "pretrain": {"data": ["a.txt"]}, "sft": {"data": "a.jsonl"},
@@ -47,7 +48,7 @@ def numeric_fields(cls: type, prefix: str = "") -> list[tuple[str, type]]:
     return found
 
 
-FIELDS = [(f"stages.{stage}.{key}", kind) for stage, cls in STAGE_CONFIGS.items() for key, kind in numeric_fields(cls)]
+FIELDS = [(f"stages.{stage}.{key}", kind) for stage, registered in STAGES.items() for key, kind in numeric_fields(registered.config)]
 FIELDS += [(key, kind) for key, kind in numeric_fields(PipelineConfig)]
 
 

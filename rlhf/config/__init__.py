@@ -9,7 +9,15 @@ A pipeline file looks like:
       pretrain: {data: [data_samples/corpus.txt], model: {n_layer: 4}, max_steps: 300}
       sft: {data: data_samples/sft.jsonl, lr: 1e-3}
 
-Stages run in the fixed order of `STAGE_ORDER`; a stage absent from `stages` is not run. Every
+The stages a pipeline may name, and the config class each parses into, are those of the registry
+`rlhf.stages.STAGES`; a stage absent from `stages` is not run. They run in an order derived from what
+each reads (`rlhf.stages.stage_order`), not in the order the file lists them. A pipeline that
+`extends:` another drops a stage it inherits by setting it to `false`:
+
+    extends: demo.yaml
+    stages: {ppo: false}        # demo's stages without PPO (`false` for a stage not inherited: no effect)
+
+Every
 field is documented once, below its declaration. Unknown keys, keys given twice, wrong types and invalid
 values are `ConfigError`s naming the file (or the override) and the key. Every number is checked as it
 is read, for every field at once (`_convert`: finite, at most MAX_INT or MAX_FLOAT in magnitude), then
@@ -41,13 +49,6 @@ from rlhf.config.stages import (  # noqa: F401
     PACKINGS, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig, TokenizerConfig,
 )
 
-STAGE_ORDER = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
-
-STAGE_CONFIGS: dict[str, type] = {
-    "tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig,
-    "report": ReportConfig,
-}  # fmt: skip
-
 
 @dataclass
 class PipelineConfig:
@@ -56,7 +57,8 @@ class PipelineConfig:
     seed: int = 0
     """Seed for every stage (data order, initialisation, sampling)."""
     stages: dict[str, Any] = field(default_factory=dict)
-    """Stage name -> its config; stages run in the order tokenizer, pretrain, sft, reward, ppo, report."""
+    """Stage name -> its config (the class `rlhf.stages.STAGES` registers for it); see `rlhf.stages.stage_order`
+    for the order they run in."""
     source: str = ""
     """The YAML file this came from (set by the loader, not by the file)."""
 
@@ -234,18 +236,23 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), run_dir: str | No
 
 
 def build_pipeline(tree: dict, path: Path) -> PipelineConfig:
+    from rlhf.stages import STAGES  # the registry imports the config classes: imported here, not at the top
+
     stages_tree = tree.pop("stages", None)
-    if not stages_tree:  # absent, empty or {} / []: a run that would do nothing
-        raise ConfigError(f"{path}: stages: no stage to run; name at least one of {', '.join(STAGE_ORDER)}")
-    if not isinstance(stages_tree, dict):
+    if stages_tree and not isinstance(stages_tree, dict):
         raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
-    config = build(PipelineConfig, tree, str(path) + ":")
-    for name, settings in stages_tree.items():
-        if name not in STAGE_CONFIGS:
-            close = difflib.get_close_matches(str(name), list(STAGE_CONFIGS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(STAGE_CONFIGS)})"
+    for name in stages_tree or {}:
+        if name not in STAGES:
+            close = difflib.get_close_matches(str(name), list(STAGES), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(STAGES)})"
             raise ConfigError(f"{path}: stages.{name}: unknown stage{hint}")
-        config.stages[name] = build(STAGE_CONFIGS[name], settings, f"{path}: stages.{name}")
+    # `ppo: false` drops a stage (one inherited through `extends:`, or none: then it was absent anyway)
+    kept = {name: settings for name, settings in (stages_tree or {}).items() if settings is not False}
+    if not kept:  # absent, empty, {} / [] or every stage dropped: a run that would do nothing
+        raise ConfigError(f"{path}: stages: no stage to run; name at least one of {', '.join(STAGES)}")
+    config = build(PipelineConfig, tree, str(path) + ":")
+    for name, settings in kept.items():
+        config.stages[name] = build(STAGES[name].config, settings, f"{path}: stages.{name}")
     config.source = str(path)
     return config
 

@@ -143,8 +143,10 @@ class ReportConfig:
     def __post_init__(self):
         _check(bool(self.eval_prompts), "eval_prompts: give a prompt file")
         _check(len(self.policies) > 0, "policies: name at least one stage")
+        from rlhf.stages import POLICY_STAGES  # the registry imports this module: imported here, not at the top
+
         for name in (*self.policies, self.reference):
-            _check(name in ("pretrain", "sft", "ppo"), f"policies and reference: {name!r} is not a policy stage (pretrain, sft, ppo)")
+            _check(name in POLICY_STAGES, f"policies and reference: {name!r} is not a policy stage ({', '.join(POLICY_STAGES)})")
         for n in self.best_of:
             _check(n >= 1, f"best_of: N must be a positive integer, got {n}")
         _check(len(set(self.best_of)) == len(self.best_of), f"best_of: an N is listed twice in {self.best_of}")

@@ -1,9 +1,19 @@
-"""Stage recipes. Each module defines:
+"""Stage recipes, and `STAGES`, the one registry of them.
+
+A stage is registered once, by one line in `STAGES`: its name, its typed config class (parsed from
+`stages.<name>` of a pipeline YAML), its recipe module, and whether its output folder is a policy
+(a causal LM that the report and `rlhf compare` can compare). Adding a stage is one config class,
+one recipe module and one line here; nothing else lists the stages. The run order is not declared
+either: `stage_order` derives it from each module's `upstream`, so a pipeline may say
+sft -> reward -> report without ppo, and a new stage falls into place by what it reads.
+
+Each recipe module defines:
 
     def upstream(config) -> tuple[str, ...]   stages whose outputs it reads
     def inputs(config) -> list[str]    data files it reads (hashed into the fingerprint)
-    def read_inputs(config)            reads and checks those files (and plug-ins) without any model:
-                                       the pipeline calls it for every stage before any stage runs
+    def read_inputs(config) -> <a NamedTuple>  reads and checks those files (and plug-ins) without any
+                                       model: the pipeline calls it for every stage before any stage
+                                       runs, and `run` takes its fields by name from the same call
     def run(ctx: StageContext) -> dict final metrics (kept in the manifest)
 
 and reads its upstream stages' outputs only through the artifact directory (`ctx.upstream`).
@@ -25,9 +35,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.artifacts import begin_build, building_dir, read_manifest
+from rlhf.artifacts import begin_build, building_dir, complete_manifest
+from rlhf.config.rl import PPOConfig
+from rlhf.config.stages import PretrainConfig, ReportConfig, RewardConfig, SFTConfig, TokenizerConfig
 from rlhf.distributed import is_main_process
 from rlhf.errors import ArtifactError, ConfigError
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: type
+    """The typed config class that `stages.<name>` of a pipeline YAML parses into."""
+    module: str
+    """Import path of the recipe (imported only when the stage is planned: heavy imports stay deferred)."""
+    policy: bool = False
+    """The output folder is a causal-LM policy that the report and `rlhf compare` can compare."""
+
+
+STAGES: dict[str, Stage] = {
+    "tokenizer": Stage(TokenizerConfig, "rlhf.stages.tokenizer"),
+    "pretrain": Stage(PretrainConfig, "rlhf.stages.pretrain", policy=True),
+    "sft": Stage(SFTConfig, "rlhf.stages.sft", policy=True),
+    "reward": Stage(RewardConfig, "rlhf.stages.reward"),
+    "ppo": Stage(PPOConfig, "rlhf.stages.ppo", policy=True),
+    "report": Stage(ReportConfig, "rlhf.stages.report"),
+}
+"""Every stage, in declaration order: the order that breaks ties between stages that do not depend
+on each other, and the order in which the report and `rlhf plots` list them."""
+
+POLICY_STAGES: tuple[str, ...] = tuple(name for name, stage in STAGES.items() if stage.policy)
+
+A_POLICY = f"a policy (the {', '.join(POLICY_STAGES[:-1])} or {POLICY_STAGES[-1]} stage's output)"
+"""What a policy folder is, for errors about a folder that is not one."""
 
 
 @dataclass
@@ -50,8 +89,7 @@ class StageContext:
     def upstream(self, stage: str) -> Path:
         """The output folder of a completed upstream stage."""
         folder = self.run_dir / stage
-        manifest = read_manifest(folder)
-        if manifest is None or manifest.get("status") != "complete":
+        if complete_manifest(folder) is None:
             raise ArtifactError(f"{folder}: stage '{stage}' has not completed; run it first (rlhf run --only {stage})")
         return folder
 
@@ -68,4 +106,34 @@ class StageContext:
 
 
 def stage_module(name: str):
-    return importlib.import_module(f"rlhf.stages.{name}")
+    """The recipe module of registered stage `name`."""
+    return importlib.import_module(STAGES[name].module)
+
+
+def stage_order(config) -> list[str]:
+    """The stages of pipeline `config` in an order that runs each after the upstream stages it reads.
+
+    Only upstream stages present in the pipeline constrain the order (an absent one must already be
+    complete in the run directory: `rlhf.pipeline.check_inputs` says so). Among the stages ready to
+    run, the one declared first in `STAGES` goes first, so a pipeline written in any order runs as
+    the registry lists it whenever its dependencies allow. A cycle is a `ConfigError` naming its stages.
+    """
+    present = [name for name in STAGES if name in config.stages]
+    needs = {name: {p for p in stage_module(name).upstream(config.stages[name]) if p in config.stages}
+             for name in present}  # fmt: skip
+    order: list[str] = []
+    while len(order) < len(present):
+        ready = [name for name in present if name not in order and needs[name] <= set(order)]
+        if not ready:
+            raise ConfigError(f"{config.source}: stages: {' -> '.join(cycle(needs, order))}: each reads the next, in a cycle")
+        order.append(ready[0])
+    return order
+
+
+def cycle(needs: dict[str, set[str]], done: list[str]) -> list[str]:
+    """A cycle among the stages not `done` (each waits for one that is not done either), as a path
+    that ends where it starts: follow the first unmet need from the first waiting stage until one repeats."""
+    path = [next(name for name in needs if name not in done)]
+    while path.count(path[-1]) < 2:
+        path.append(min(needs[path[-1]] - set(done), key=list(needs).index))
+    return path[path.index(path[-1]) :]

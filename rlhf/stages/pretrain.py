@@ -10,6 +10,7 @@ the documents held out), padded per batch.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from rlhf.config import PretrainConfig
 from rlhf.data import read_text_documents
@@ -27,8 +28,13 @@ def inputs(config: PretrainConfig) -> list[str]:
     return list(config.data)
 
 
-def read_inputs(config: PretrainConfig) -> list[str]:
-    return read_text_documents(config.data, config.text_column, config.exclude_last_rows, config.txt_documents == "lines")
+class PretrainInputs(NamedTuple):
+    documents: list[str]
+    """The corpus, one string per document (as `txt_documents` and `text_column` choose)."""
+
+
+def read_inputs(config: PretrainConfig) -> PretrainInputs:
+    return PretrainInputs(read_text_documents(config.data, config.text_column, config.exclude_last_rows, config.txt_documents == "lines"))
 
 
 def token_stream(tokenizer, documents: list[str]) -> list[int]:
@@ -81,7 +87,7 @@ def run(ctx: StageContext) -> dict:
     block_size = config.block_size or config.model.n_positions
 
     # 1. Read the corpus and the tokenizer; hold out the tail of the token stream.
-    documents = read_inputs(config)
+    documents = read_inputs(config).documents
     tokenizer = AutoTokenizer.from_pretrained(ctx.upstream("tokenizer"))
     train_blocks, eval_blocks, tokens = split_rows(config, tokenizer, documents, block_size)
     if not train_blocks or not eval_blocks:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Callable, NamedTuple
 
-from rlhf.config import STAGE_ORDER, ReportConfig
-from rlhf.stages import StageContext
+from rlhf.config import ReportConfig
+from rlhf.stages import STAGES, StageContext
 
 HEADLINE_METRICS = {  # stage -> manifest metrics worth a line in the report
     "tokenizer": ("vocab_size",),
@@ -32,14 +33,24 @@ def inputs(config: ReportConfig) -> list[str]:
     return [config.eval_prompts] + ([config.eval_data] if config.eval_data else [])
 
 
-def read_inputs(config: ReportConfig) -> None:
-    """Check the prompt and perplexity files and the judge before any stage runs."""
+class ReportInputs(NamedTuple):
+    prompts: list[tuple]
+    """(prompt, reference answer or None) of each held-out prompt."""
+    eval_data: list[tuple]
+    """(prompt, reference answer) of the perplexity data; empty without `eval_data`."""
+    judge: Callable | None
+
+
+def read_inputs(config: ReportConfig) -> ReportInputs:
+    """Check the prompt and perplexity files and the judge before any stage runs (`rlhf compare` reads
+    them again by name, as the command the report prints does)."""
     from rlhf.data import prompts_and_references, read_rows
     from rlhf.responses import load_function
 
-    pairs = {name: prompts_and_references(name, read_rows(name)) for name in (config.eval_prompts, config.eval_data) if name}
-    if config.judge:
-        load_function(config.judge, "judge", probe=[prompt for prompt, _ in pairs[config.eval_prompts]])
+    prompts = prompts_and_references(config.eval_prompts, read_rows(config.eval_prompts))
+    eval_data = prompts_and_references(config.eval_data, read_rows(config.eval_data)) if config.eval_data else []
+    judge = load_function(config.judge, "judge", probe=[prompt for prompt, _ in prompts]) if config.judge else None
+    return ReportInputs(prompts, eval_data, judge)
 
 
 def settings_for(config: ReportConfig, run_dir: Path, seed: int):
@@ -59,12 +70,12 @@ def _number(value) -> str:
 
 def stage_lines(run_dir: Path) -> list[str]:
     """A markdown table of every completed stage: time and headline metrics from its manifest."""
-    from rlhf.artifacts import read_manifest
+    from rlhf.artifacts import complete_manifest
 
     lines = ["| stage | seconds | headline metrics |", "|---|---|---|"]
-    for stage in STAGE_ORDER:
-        manifest = read_manifest(run_dir / stage)
-        if not manifest or manifest.get("status") != "complete":
+    for stage in STAGES:
+        manifest = complete_manifest(run_dir / stage)
+        if not manifest:
             continue
         metrics = manifest.get("metrics") or {}
         shown = ", ".join(f"{k} {_number(metrics[k])}" for k in HEADLINE_METRICS.get(stage, ()) if metrics.get(k) is not None)
@@ -90,7 +101,7 @@ def headline(result: dict) -> str:
 def run(ctx: StageContext) -> dict:
     from rlhf.artifacts import atomic_write_text
     from rlhf.compare import compare_policies, format_table, legend_text, markdown_table, samples_markdown, write_comparison
-    from rlhf.plots import plot_stage
+    from rlhf.plots import logged_stages, plot_stage
 
     config: ReportConfig = ctx.config
     run_dir = ctx.run_dir
@@ -107,7 +118,7 @@ def run(ctx: StageContext) -> dict:
     print(format_table(result))
 
     # 2. Every stage's training curves.
-    curves = [plot_stage(run_dir / s, out_dir / f"curves_{s}.png") for s in STAGE_ORDER if (run_dir / s / "metrics.jsonl").is_file()]
+    curves = [plot_stage(run_dir / s, out_dir / f"curves_{s}.png") for s in logged_stages(run_dir)]
     curves = [c for c in curves if c is not None]
 
     # 3. The page.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from typing import NamedTuple
 
 from rlhf.config import RewardConfig
 from rlhf.data import check_one_format, preference_pairs, read_rows
@@ -39,17 +40,21 @@ def split_rows(rows: list, config: RewardConfig) -> tuple[list, list]:
     return split_tail(rows, config.eval_fraction)
 
 
-def read_inputs(config: RewardConfig) -> tuple[list[dict], list[dict], int]:
-    """(training pairs, held-out pairs, hh-rlhf rows skipped for an empty final answer), checked.
+class RewardInputs(NamedTuple):
+    train_pairs: list[dict]
+    eval_pairs: list[dict]
+    skipped: int
+    """hh-rlhf rows skipped for an empty final answer."""
 
-    The split comes before conversion, so the held-out rows are fixed.
-    """
+
+def read_inputs(config: RewardConfig) -> RewardInputs:
+    """The checked training and held-out pairs. The split comes before conversion, so the held-out rows are fixed."""
     rows = read_rows(config.data)
     check_one_format(config.data, rows)
     train_rows, eval_rows = split_rows(rows, config)
     train_pairs, skipped_train = preference_pairs(config.data, train_rows)
     eval_pairs, skipped_eval = preference_pairs(config.data, eval_rows)
-    return train_pairs, eval_pairs, len(skipped_train) + len(skipped_eval)
+    return RewardInputs(train_pairs, eval_pairs, len(skipped_train) + len(skipped_eval))
 
 
 def pair_lengths(tokenizer, pair: dict) -> int:

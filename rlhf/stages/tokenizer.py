@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from rlhf.config import TokenizerConfig
 from rlhf.data import all_strings, read_rows, read_text_documents
@@ -17,8 +18,12 @@ def inputs(config: TokenizerConfig) -> list[str]:
     return list(config.data)
 
 
-def read_inputs(config: TokenizerConfig) -> list[str]:
+class TokenizerInputs(NamedTuple):
+    texts: list[str]
     """The training text: plain-text files whole, every string of tabular files."""
+
+
+def read_inputs(config: TokenizerConfig) -> TokenizerInputs:
     texts = []
     for name in config.data:
         if Path(name).suffix == ".txt":
@@ -26,7 +31,7 @@ def read_inputs(config: TokenizerConfig) -> list[str]:
         else:
             rows = read_rows(name)
             texts += [s for row in rows[: len(rows) - config.exclude_last_rows] for s in all_strings(row)]
-    return texts
+    return TokenizerInputs(texts)
 
 
 def run(ctx: StageContext) -> dict:
@@ -34,7 +39,7 @@ def run(ctx: StageContext) -> dict:
 
     config: TokenizerConfig = ctx.config
     # 1. Gather text: plain-text files whole, every string of tabular files.
-    texts = read_inputs(config)
+    texts = read_inputs(config).texts
     # 2. Train and save.
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, kind=config.kind)
     save_tokenizer(tokenizer, ctx.begin())
