@@ -96,6 +96,26 @@ def tiny_sft(tmp_path_factory):
     return run_once(write_tiny_sft(folder), folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_critic_free(tiny_rlhf, tmp_path_factory):
+    """The three critic-free stages run once, uninterrupted, on a copy of the session's tiny run
+    (`pipeline_helpers.write_tiny_critic_free`: PPO and the report dropped)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from pipeline_helpers import clone, write_tiny_critic_free
+    from rlhf.cli import main
+
+    pipeline = write_tiny_critic_free(tiny_rlhf.folder)
+    run_dir = clone(tiny_rlhf, tmp_path_factory.mktemp("critic_free"))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", str(pipeline), "--run-dir", str(run_dir)])
+    assert code == 0, err.getvalue()[-3000:]
+    return SimpleNamespace(pipeline=str(pipeline), run_dir=run_dir, out=out.getvalue(), sft=tiny_rlhf.run_dir / "sft")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: skipped, saying so, where there is none."""
     gpu = [item for item in items if "gpu" in item.keywords]

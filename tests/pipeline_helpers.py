@@ -233,3 +233,25 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def loss_steps(stage_dir: Path) -> list[int]:
     return [row["step"] for row in read_metrics(stage_dir) if "loss" in row]
+
+
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
+
+
+def write_tiny_critic_free(folder: Path) -> Path:
+    """The tiny pipeline of `write_tiny_rlhf` in `folder` (extended, not copied) with PPO and the report
+    dropped and the three critic-free stages added: 4 iterations of 8 episodes each, checkpoints every 2.
+    The tiny policies rarely stop within 8 tokens (every answer then shares the missing-EOS penalty), so a
+    reward for the response's length gives the answers to one prompt different scores."""
+    group = {"grpo": 2, "rloo": 2, "reinforce_pp": 1}
+    stages: dict = {"ppo": False, "report": False}
+    for name in CRITIC_FREE:
+        stages[name] = {"prompts": str(folder / "ppo_prompts.jsonl"), "steps": PPO_STEPS, "rollout_batch_size": ROLLOUT // group[name],
+                        "answers_per_prompt": group[name], "minibatch_size": 4, "max_new_tokens": 8, "save_every": 2,
+                        "norm_prompts": 8, "lr": 1e-3, "reward_functions": ["pipeline_helpers:length_reward"], "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge"}  # fmt: skip
+    return write_yaml(folder / "tiny_critic_free.yaml", {"extends": "tiny_rlhf.yaml", "stages": stages})
+
+
+def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A programmatic reward that tells the tiny policies' answers apart: their length in characters / 50."""
+    return [len(response) / 50 for response in responses]

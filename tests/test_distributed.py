@@ -271,10 +271,10 @@ def two_process_run(tmp_path_factory):
 @pytest.mark.slow
 def test_every_stage_completes_once_on_two_processes(two_process_run) -> None:
     from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
-    from rlhf.stages import STAGES
+    from rlhf.config import load_pipeline
 
-    _, run_dir, result = two_process_run
-    for stage in STAGES:
+    pipeline, run_dir, result = two_process_run
+    for stage in load_pipeline(pipeline).stages:
         manifest = read_manifest(run_dir / stage)
         assert manifest["status"] == "complete" and verify_outputs(run_dir / stage, manifest) is None, stage
         assert result.stdout.count(f"[{stage}] running") == 1, f"{stage}: only rank 0 prints"
@@ -356,12 +356,12 @@ DEMO_SHORTENED = (  # pipelines/demo.yaml as shipped (model, data, settings), wi
 def test_the_demo_pipeline_runs_on_two_processes(tmp_path) -> None:
     """The shipped demo pipeline itself (its model, data files, judge and report), shortened by overrides."""
     from rlhf.artifacts import read_manifest, read_metrics, verify_outputs
-    from rlhf.stages import STAGES
+    from rlhf.config import load_pipeline
 
     run_dir = tmp_path / "demo"
     result = torchrun("run", "pipelines/demo.yaml", "--run-dir", run_dir, *DEMO_SHORTENED)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    for stage in STAGES:
+    for stage in load_pipeline("pipelines/demo.yaml").stages:
         manifest = read_manifest(run_dir / stage)
         assert manifest["status"] == "complete" and verify_outputs(run_dir / stage, manifest) is None, stage
         assert result.stdout.count(f"[{stage}] done") == 1, stage

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import begin_build, building_dir, complete_manifest
-from rlhf.config.rl import PPOConfig
+from rlhf.config.rl import GRPOConfig, PPOConfig, ReinforcePPConfig, RLOOConfig
 from rlhf.config.stages import PretrainConfig, ReportConfig, RewardConfig, SFTConfig, TokenizerConfig
 from rlhf.distributed import is_main_process
 from rlhf.errors import ArtifactError, ConfigError
@@ -58,6 +58,9 @@ STAGES: dict[str, Stage] = {
     "sft": Stage(SFTConfig, "rlhf.stages.sft", policy=True),
     "reward": Stage(RewardConfig, "rlhf.stages.reward"),
     "ppo": Stage(PPOConfig, "rlhf.stages.ppo", policy=True),
+    "grpo": Stage(GRPOConfig, "rlhf.stages.critic_free", policy=True),
+    "rloo": Stage(RLOOConfig, "rlhf.stages.critic_free", policy=True),
+    "reinforce_pp": Stage(ReinforcePPConfig, "rlhf.stages.critic_free", policy=True),
     "report": Stage(ReportConfig, "rlhf.stages.report"),
 }
 """Every stage, in declaration order: the order that breaks ties between stages that do not depend
