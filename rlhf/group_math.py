@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from rlhf.ppo_math import _where, gae_advantages, kl_k3, masked_mean, masked_sum, masked_whiten
+from rlhf.ppo_math import _where, clip_statistics, clipped_policy_terms, gae_advantages, kl_k3, masked_mean, masked_sum, masked_whiten
 
 
 # ----------------------------------------------------------------------------- group advantages
@@ -185,19 +185,6 @@ def _aggregation(name: str) -> Aggregation:
 
 
 # ----------------------------------------------------------------------------- losses
-def clipped_policy_terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
-                         clip_range: float) -> Tensor:
-    """Per-token PPO clipped surrogate, no reduction. All inputs (B, T) -> (B, T).
-
-    ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))``, ``ratio = exp(logprobs - old)``;
-    gradient through ``logprobs``. No mask: padding holds whatever the inputs give there.
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped)
-
-
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                 clip_range: float, aggregation: str, max_tokens: int
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -213,18 +200,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     advantages = _where(advantages, mask)
     loss = aggregate(clipped_policy_terms(logprobs, old_logprobs, advantages, clip_range),
                      mask, max_tokens)
-    with torch.no_grad():
-        log_ratio = logprobs - old_logprobs
-        ratio = torch.exp(log_ratio)
-        unclipped = -advantages * ratio
-        clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": torch.where(mask.bool(), ratio, float("-inf")).max(),
-        }
-    return loss, stats
+    return loss, clip_statistics(logprobs, old_logprobs, advantages, mask, clip_range)
 
 
 def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, aggregation: str,

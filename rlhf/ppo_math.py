@@ -160,29 +160,47 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float =
 
 
 # ----------------------------------------------------------------------------- losses
-def policy_loss_clipped(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                        clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate. All inputs (B, T); gradient flows through ``logprobs`` only.
+def clipped_policy_terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                         clip_range: float) -> Tensor:
+    """Per-token PPO clipped surrogate, no reduction. All inputs (B, T) -> (B, T).
 
-    ``ratio = exp(logprobs - old_logprobs)``; loss = masked mean of
-    ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))`` (scalar). Stats (detached scalars):
-    ``clipfrac`` share of tokens where the clipped term is strictly larger (so used, with zero
-    gradient); ``approx_kl`` = masked mean of ``0.5 * (logprobs - old)^2`` (the k2 estimate, as
-    in the N+ details); ``ratio_mean``; ``ratio_max`` (-inf if nothing is masked).
+    ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))``, ``ratio = exp(logprobs - old)``;
+    gradient through ``logprobs``. No mask: padding holds whatever the inputs give there.
     """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped)
+
+
+@torch.no_grad()
+def clip_statistics(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    clip_range: float) -> dict[str, Tensor]:
+    """Detached scalars of a clipped update, all inputs (B, T): ``clipfrac`` share of tokens where
+    the clipped term is strictly larger (so used, with zero gradient); ``approx_kl`` = masked mean
+    of ``0.5 * (logprobs - old)^2`` (the k2 estimate, as in the N+ details); ``ratio_mean``;
+    ``ratio_max`` (-inf if nothing is masked)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": torch.where(mask.bool(), ratio, float("-inf")).max(),
-        }
-    return loss, stats
+    return {
+        "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+        "approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": torch.where(mask.bool(), ratio, float("-inf")).max(),
+    }
+
+
+def policy_loss_clipped(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                        clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate. All inputs (B, T); gradient flows through ``logprobs`` only.
+
+    Loss = masked mean over every token of the batch of ``clipped_policy_terms`` (scalar), with
+    ``clip_statistics``.
+    """
+    loss = masked_mean(clipped_policy_terms(logprobs, old_logprobs, advantages, clip_range), mask)
+    return loss, clip_statistics(logprobs, old_logprobs, advantages, mask, clip_range)
 
 
 def value_loss_clipped(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
