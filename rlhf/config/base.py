@@ -103,7 +103,7 @@ class TrainingConfig(OptimizationConfig):
     """torch.compile the model (worth it on CUDA for long runs; the first steps are slow while it compiles)."""
     max_nonfinite_steps: int = 10
     """Stop after this many optimizer steps in a row with a NaN or inf loss or gradient (each one is skipped)."""
-    max_seconds: float = 0
+    max_seconds: float = 0.0
     """Stop training after this many seconds of training (0: no limit); the stage completes with the weights it has."""
 
     def __post_init__(self):
