@@ -1,7 +1,7 @@
 """What every training stage shares: arguments from our typed config, metrics logging, resume,
-skipping NaN/inf steps and stopping cleanly on SIGINT or SIGTERM.
+skipping NaN/inf steps, a wall-clock budget and stopping cleanly on SIGINT or SIGTERM.
 
-The stages configure TRL's trainers (`SFTTrainer`, `RewardTrainer`); this module maps one
+The stages configure TRL's trainers (`SFTTrainer`, `RewardTrainer`, `DPOTrainer`); this module maps one
 `TrainingConfig` onto their arguments so the stages stay short recipes. `GracefulStop` serves
 PPO's own loop too.
 """
@@ -47,7 +47,7 @@ def tf32_available() -> bool:
 
 
 def trainer_arguments(args_class: type, config: TrainingConfig, stage_dir: Path, seed: int, has_eval: bool, **extra):
-    """`args_class` (TRL's SFTConfig or RewardConfig) filled from our config."""
+    """`args_class` (TRL's SFTConfig, RewardConfig or DPOConfig) filled from our config."""
     cuda = torch.cuda.is_available()
     scheduler_kwargs = {"min_lr": config.min_lr} if config.lr_schedule == "cosine" else {}
     eval_strategy = "steps" if has_eval and config.eval_every else "no"

@@ -69,7 +69,7 @@ class OptimizationConfig:
 
 @dataclass
 class TrainingConfig(OptimizationConfig):
-    """Settings shared by the Trainer-based stages (pretrain, sft, reward)."""
+    """Settings shared by the Trainer-based stages (pretrain, sft, reward, dpo)."""
 
     max_steps: int = -1
     """Optimizer steps to run; -1 means `epochs` passes over the training data."""
