@@ -32,6 +32,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, None if there is none (reads only)."""
+    done = complete_checkpoints(root) if root.is_dir() else []
+    return done[-1] if done else None
+
+
 def same_fingerprint(root: Path, fingerprint: str) -> bool:
     stamp = root / FINGERPRINT
     return stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == fingerprint

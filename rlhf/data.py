@@ -334,6 +334,25 @@ def preference_pairs(path: str | Path, rows: list[dict]) -> tuple[list[dict], li
     return pairs, skipped
 
 
+def read_preference_split(path: str | Path, eval_rows: int, eval_fraction: float) -> tuple[list[dict], list[dict], int]:
+    """A preference file's (training pairs, held-out pairs, hh-rlhf rows skipped for an empty final answer),
+    checked, as the reward and DPO stages read it: the last `eval_rows` rows held out (0: the last
+    `eval_fraction` of them). The split comes before conversion, so the held-out rows are fixed."""
+    rows = read_rows(path)
+    check_one_format(path, rows)
+    train_rows, held_out_rows = split_preference_rows(rows, eval_rows, eval_fraction)
+    train_pairs, skipped_train = preference_pairs(path, train_rows)
+    eval_pairs, skipped_eval = preference_pairs(path, held_out_rows)
+    return train_pairs, eval_pairs, len(skipped_train) + len(skipped_eval)
+
+
+def split_preference_rows(rows: list, eval_rows: int, eval_fraction: float) -> tuple[list, list]:
+    """(training rows, held-out rows): exactly the last `eval_rows` rows held out, or with 0 the tail `eval_fraction`."""
+    if eval_rows:
+        return rows[:-eval_rows], rows[-eval_rows:]
+    return split_tail(rows, eval_fraction)
+
+
 def check_one_format(path: str | Path, rows: list[dict]) -> None:
     """Training takes the pairs as one table: every usable row must have the same columns, each holding
     text or messages throughout (the first row that differs from the first pair is named)."""

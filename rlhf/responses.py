@@ -1,6 +1,6 @@
 """Prompts in, response texts out: chat rendering, batched sampling with our engine, judges.
 
-Shared by the SFT stage (judge before/after), PPO (rollouts and reward functions) and evaluation.
+Shared by the SFT and DPO stages (judge before/after), PPO (rollouts and reward functions) and evaluation.
 """
 
 from __future__ import annotations
@@ -131,3 +131,22 @@ def check_scores(function: Callable, prompts: list[str], where: str) -> None:
 def judge_mean(judge: Callable, prompts: list[Any], responses: list[str]) -> float:
     scores = judge([prompt_text(p) for p in prompts], responses)
     return float(sum(scores) / len(scores))
+
+
+def read_judge(eval_prompts: str, judge: str) -> tuple[Callable | None, list[Any]]:
+    """(the judge, its held-out prompts) of a stage's `eval_prompts` and `judge` settings, checked and
+    probed; (None, []) when the stage has no judge."""
+    from rlhf.data import check_prompt_rows, read_rows
+
+    if not judge:
+        return None, []
+    rows = read_rows(eval_prompts)
+    check_prompt_rows(eval_prompts, rows)
+    prompts = [row["prompt"] for row in rows]
+    return load_function(judge, "judge", probe=prompts), prompts
+
+
+def judge_policy(model, tokenizer, prompts: list[Any], judge: Callable, max_new_tokens: int, seed: int) -> float:
+    """The judge's mean score of `model`'s greedy answers to `prompts`."""
+    responses = sample_responses(model, tokenizer, prompts, max_new_tokens, temperature=0.0, seed=seed)
+    return judge_mean(judge, prompts, responses)

@@ -249,6 +249,7 @@ class RLRun:
         from tqdm.auto import tqdm
 
         from rlhf.artifacts import CHECKPOINTS, append_metrics
+        from rlhf.checkpoints import newest_checkpoint
         from rlhf.errors import TrainingDiverged
         from rlhf.responses import prompt_text
         from rlhf.rl_training import save_checkpoint, update
@@ -279,7 +280,7 @@ class RLRun:
                 if diverged >= config.max_nonfinite_iterations:
                     raise TrainingDiverged(
                         f"{ctx.name}: {diverged} iterations in a row had only NaN/inf losses or gradients (iteration {step + 1}); "
-                        f"stopped. Last good checkpoint: {on_main(lambda: last_checkpoint(checkpoints)) or 'none'}; "
+                        f"stopped. Last good checkpoint: {on_main(lambda: newest_checkpoint(checkpoints)) or 'none'}; "
                         "lower lr or check the reward model's scores"
                     )
                 # c. Adapt beta toward the target KL (no-op when fixed), log, checkpoint, stop.
@@ -330,13 +331,6 @@ class RLRun:
         if models.value is not None:
             unwrapped(models.value).save_pretrained(ctx.out_dir / "value")
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
-
-
-def last_checkpoint(root: Path) -> Path | None:
-    from rlhf.checkpoints import complete_checkpoints
-
-    done = complete_checkpoints(root) if root.is_dir() else []
-    return done[-1] if done else None
 
 
 def warn_if_odd(stage: str, step: int, stats: dict[str, float]) -> None:

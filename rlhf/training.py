@@ -1,7 +1,7 @@
 """What every training stage shares: arguments from our typed config, metrics logging, resume,
-skipping NaN/inf steps and stopping cleanly on SIGINT or SIGTERM.
+skipping NaN/inf steps, a wall-clock budget and stopping cleanly on SIGINT or SIGTERM.
 
-The stages configure TRL's trainers (`SFTTrainer`, `RewardTrainer`); this module maps one
+The stages configure TRL's trainers (`SFTTrainer`, `RewardTrainer`, `DPOTrainer`); this module maps one
 `TrainingConfig` onto their arguments so the stages stay short recipes. `GracefulStop` serves
 PPO's own loop too.
 """
@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf.artifacts import CHECKPOINTS, append_metrics
-from rlhf.checkpoints import resume_checkpoint
+from rlhf.checkpoints import newest_checkpoint, resume_checkpoint
 from rlhf.config import LR_SCHEDULES, TrainingConfig
 from rlhf.distributed import any_process, barrier, every_process, is_main_process, on_main
 from rlhf.errors import TrainingDiverged
@@ -47,7 +47,7 @@ def tf32_available() -> bool:
 
 
 def trainer_arguments(args_class: type, config: TrainingConfig, stage_dir: Path, seed: int, has_eval: bool, **extra):
-    """`args_class` (TRL's SFTConfig or RewardConfig) filled from our config."""
+    """`args_class` (TRL's SFTConfig, RewardConfig or DPOConfig) filled from our config."""
     cuda = torch.cuda.is_available()
     scheduler_kwargs = {"min_lr": config.min_lr} if config.lr_schedule == "cosine" else {}
     eval_strategy = "steps" if has_eval and config.eval_every else "no"
@@ -155,7 +155,7 @@ class NonFiniteGuard(TrainerCallback):
             control.should_save = control.should_evaluate = False
             self.diverged = (
                 f"{self.stage}: {self.in_a_row} optimizer steps in a row had NaN/inf losses or gradients "
-                f"(step {state.global_step}); stopped. Last good checkpoint: {get_last_checkpoint(args.output_dir) or 'none'}; "
+                f"(step {state.global_step}); stopped. Last good checkpoint: {newest_checkpoint(Path(args.output_dir)) or 'none'}; "
                 "lower lr or check the data"
             )
 
@@ -214,6 +214,27 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
 
+class TimeBudget(TrainerCallback):
+    """Ends training once `seconds` of it have passed (from this process's start of training, resumed or not),
+    so that algorithms compared on the same wall-clock each get the same. The stage then completes with
+    the weights it has: the step that crossed the line is the last, and no checkpoint is written for it.
+    Every process stops at the same step (the slowest one's clock decides)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.started = time.perf_counter()
+        self.stopped_at: int | None = None  # the step training stopped at, once the budget ran out
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if any_process(time.perf_counter() - self.started >= self.seconds):
+            control.should_training_stop = True
+            control.should_save = False
+            self.stopped_at = state.global_step
+
+
 def resume_point(stage_dir: Path, fingerprint: str) -> str | None:
     """The checkpoint a Trainer stage resumes from (`rlhf.checkpoints.resume_checkpoint`), as the path TRL takes."""
     last = resume_checkpoint(stage_dir, fingerprint)
@@ -226,13 +247,14 @@ def train(trainer, ctx) -> float:
     """Run (or resume) `trainer.train()` for stage context `ctx`; returns wall seconds.
 
     NaN/inf steps are skipped (`NonFiniteGuard`); SIGINT or SIGTERM saves a checkpoint and stops
-    (`GracefulStop`).
+    (`GracefulStop`); a `max_seconds` budget ends training early (`TimeBudget`).
     """
     stage_dir = ctx.out_dir
     guard = NonFiniteGuard(ctx.name, stage_dir, ctx.config.max_nonfinite_steps)
     trainer.training_step = guard.watch(trainer.training_step)
     stop = GracefulStop(ctx.name)
-    for callback in (guard, stop, MetricsFile(stage_dir)):
+    budget = [TimeBudget(ctx.config.max_seconds)] if ctx.config.max_seconds else []
+    for callback in (guard, *budget, stop, MetricsFile(stage_dir)):  # a signal's checkpoint wins over the budget's no-save
         trainer.add_callback(callback)
     started = time.perf_counter()
     with stop:
@@ -241,6 +263,8 @@ def train(trainer, ctx) -> float:
         raise TrainingDiverged(guard.diverged)
     if stop.received:
         stop.exit(Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
+    if budget and budget[0].stopped_at is not None:
+        print(f"{ctx.name}: max_seconds {ctx.config.max_seconds:g} reached; stopped after step {budget[0].stopped_at}")
     return time.perf_counter() - started
 
 

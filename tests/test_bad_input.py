@@ -4,7 +4,7 @@ file, a command-line argument or the run directory itself) and asserts exit code
 directory left exactly as it was (every file's path, sha256 and mtime, and every folder).
 
 The run directory of every case is a copy of one finished tiny run (tokenizer and pretrain
-complete; sft, reward and ppo not yet run), so a check that came too late would start training
+complete; sft, reward, dpo and ppo not yet run), so a check that came too late would start training
 and change it. Data cases replace one file of the pipeline, from subsets of data_samples/.
 """
 
@@ -34,13 +34,14 @@ def sample_lines(name: str) -> list[str]:
 
 
 def pipeline_tree(folder: Path, stages: tuple[str, ...]) -> dict:
-    """The five demo stages, tiny, on the data subsets in `folder` (only `stages` of them)."""
+    """The demo stages and dpo, tiny, on the data subsets in `folder` (only `stages` of them)."""
     common = dict(max_steps=1, batch_size=4, eval_batch_size=4, save_every=100)
     stage_settings = {
         "tokenizer": {"data": [str(folder / "corpus.txt")], "vocab_size": 320},
         "pretrain": {"data": [str(folder / "corpus.txt")], "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 96}, **common},
         "sft": {"data": str(folder / "sft.jsonl"), "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge", **common},
         "reward": {"data": str(folder / "preferences.jsonl"), "eval_rows": 4, "norm_prompts": 4, **common},
+        "dpo": {"data": str(folder / "preferences.jsonl"), "eval_rows": 4, **common},
         "ppo": {"prompts": str(folder / "ppo_prompts.jsonl"), "steps": 1, "rollout_batch_size": 4, "minibatch_size": 4, "max_new_tokens": 8},
     }  # fmt: skip
     return {"run_dir": str(folder / "run"), "seed": 0, "stages": {name: stage_settings[name] for name in stages}}
@@ -48,11 +49,11 @@ def pipeline_tree(folder: Path, stages: tuple[str, ...]) -> dict:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A finished run of tokenizer and pretrain; `pipeline` adds sft, reward and ppo on the same data."""
+    """A finished run of tokenizer and pretrain; `pipeline` adds sft, reward, dpo and ppo on the same data."""
     folder = tmp_path_factory.mktemp("bad_input")
     write_subsets(folder, LINES)
     finished = run_once(write_yaml(folder / "finished.yaml", pipeline_tree(folder, ("tokenizer", "pretrain"))), folder)
-    finished.tree = pipeline_tree(folder, ("tokenizer", "pretrain", "sft", "reward", "ppo"))
+    finished.tree = pipeline_tree(folder, ("tokenizer", "pretrain", "sft", "reward", "dpo", "ppo"))
     return finished
 
 
@@ -135,7 +136,7 @@ def hold_lock(run_dir: Path) -> None:
     (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
 
 
-SFT, PREFS, PROMPTS = "stages.sft.data", "stages.reward.data", "stages.ppo.prompts"
+SFT, PREFS, DPO_PREFS, PROMPTS = "stages.sft.data", "stages.reward.data", "stages.dpo.data", "stages.ppo.prompts"
 GOOD_CHAT = chat(("user", "What is 1 + 2?"), ("assistant", "Sure! 1 + 2 = 3."))
 
 CASES: dict[str, Case] = {
@@ -222,6 +223,10 @@ CASES: dict[str, Case] = {
                                data=(PREFS, "prefs.csv", "prompt,chosen\n" + "2 + 2?,4\n" * 8)),  # fmt: skip
     "parquet-wrong-type": Case(("{data}: row 1: prompt: expected a string or a list of messages, got int 7",),
                                data=(PREFS, "prefs.parquet", write_parquet([{"prompt": 7, "chosen": "a", "rejected": "b"}] * 8))),  # fmt: skip
+    # DPO: the reward stage's preference files, checked by the same code; TRL's loss types.
+    "dpo-missing-rejected": Case(("{data}: row 3: missing column 'rejected' (got 'chosen', 'prompt')",),
+                                 data=(DPO_PREFS, "dpo_prefs.jsonl", with_row_3("preferences.jsonl", json.dumps({"prompt": "2 + 2?", "chosen": "4"})))),  # fmt: skip
+    "dpo-unknown-loss-type": Case(("{yaml}: stages.dpo.loss_type: unknown 'sigmod' (one of sigmoid, hinge, ipo",), {"stages.dpo.loss_type": "sigmod"}),
     # PPO prompts and the pretraining corpus.
     "prompt-column-misspelt": Case(("{data}: row 3: missing column 'prompt' (got 'promt')",),
                                    data=(PROMPTS, "prompts.jsonl", with_row_3("ppo_prompts.jsonl", json.dumps({"promt": "Hi?"})))),  # fmt: skip

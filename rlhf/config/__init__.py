@@ -44,6 +44,7 @@ from rlhf.errors import ConfigError
 from rlhf.config.base import (  # noqa: F401  (the settings every stage shares)
     LORA_TARGETS, LR_SCHEDULES, MAX_FLOAT, MAX_INT, MAX_VOCAB, LoraSettings, ModelShape, OptimizationConfig, TrainingConfig, _check,
 )
+from rlhf.config.dpo import DPO_LOSS_TYPES, DPOStageConfig  # noqa: F401
 from rlhf.config.rl import CriticFreeConfig, GRPOConfig, PPOConfig, ReinforcePPConfig, RLConfig, RLOOConfig  # noqa: F401
 from rlhf.config.stages import (  # noqa: F401
     PACKINGS, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig, TokenizerConfig,

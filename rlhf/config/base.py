@@ -69,7 +69,7 @@ class OptimizationConfig:
 
 @dataclass
 class TrainingConfig(OptimizationConfig):
-    """Settings shared by the Trainer-based stages (pretrain, sft, reward)."""
+    """Settings shared by the Trainer-based stages (pretrain, sft, reward, dpo)."""
 
     max_steps: int = -1
     """Optimizer steps to run; -1 means `epochs` passes over the training data."""
@@ -103,6 +103,8 @@ class TrainingConfig(OptimizationConfig):
     """torch.compile the model (worth it on CUDA for long runs; the first steps are slow while it compiles)."""
     max_nonfinite_steps: int = 10
     """Stop after this many optimizer steps in a row with a NaN or inf loss or gradient (each one is skipped)."""
+    max_seconds: float = 0.0
+    """Stop training after this many seconds of training (0: no limit); the stage completes with the weights it has."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,6 +119,7 @@ class TrainingConfig(OptimizationConfig):
         for name in ("eval_every", "log_every", "save_every"):
             _check(getattr(self, name) >= 0, f"{name}: must be >= 0")
         _check(self.max_nonfinite_steps > 0, f"max_nonfinite_steps: must be positive, got {self.max_nonfinite_steps}")
+        _check(self.max_seconds >= 0, f"max_seconds: must be >= 0, got {self.max_seconds}")
 
 
 

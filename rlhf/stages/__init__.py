@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import begin_build, building_dir, complete_manifest
+from rlhf.config.dpo import DPOStageConfig
 from rlhf.config.rl import GRPOConfig, PPOConfig, ReinforcePPConfig, RLOOConfig
 from rlhf.config.stages import PretrainConfig, ReportConfig, RewardConfig, SFTConfig, TokenizerConfig
 from rlhf.distributed import is_main_process
@@ -57,6 +58,7 @@ STAGES: dict[str, Stage] = {
     "pretrain": Stage(PretrainConfig, "rlhf.stages.pretrain", policy=True),
     "sft": Stage(SFTConfig, "rlhf.stages.sft", policy=True),
     "reward": Stage(RewardConfig, "rlhf.stages.reward"),
+    "dpo": Stage(DPOStageConfig, "rlhf.stages.dpo", policy=True),
     "ppo": Stage(PPOConfig, "rlhf.stages.ppo", policy=True),
     "grpo": Stage(GRPOConfig, "rlhf.stages.critic_free", policy=True),
     "rloo": Stage(RLOOConfig, "rlhf.stages.critic_free", policy=True),

@@ -21,6 +21,7 @@ HEADLINE_METRICS = {  # stage -> manifest metrics worth a line in the report
     "pretrain": ("eval_loss", "eval_perplexity", "steps"),
     "sft": ("eval_loss", "eval_accuracy", "judge_before", "judge_after"),
     "reward": ("eval_accuracy", "eval_margin", "reward_mean", "reward_std"),
+    "dpo": ("eval_accuracy", "eval_margin", "judge_before", "judge_after"),
     "ppo": ("eval_rm_score_sft", "eval_rm_score", "eval_judge_sft", "eval_judge", "eval_kl", "beta"),
 }
 

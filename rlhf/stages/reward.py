@@ -17,7 +17,7 @@ import statistics
 from typing import NamedTuple
 
 from rlhf.config import RewardConfig
-from rlhf.data import check_one_format, preference_pairs, read_rows
+from rlhf.data import read_preference_split
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
@@ -33,11 +33,9 @@ def inputs(config: RewardConfig) -> list[str]:
 
 
 def split_rows(rows: list, config: RewardConfig) -> tuple[list, list]:
-    from rlhf.data import split_tail
+    from rlhf.data import split_preference_rows
 
-    if config.eval_rows:
-        return rows[: -config.eval_rows], rows[-config.eval_rows :]
-    return split_tail(rows, config.eval_fraction)
+    return split_preference_rows(rows, config.eval_rows, config.eval_fraction)
 
 
 class RewardInputs(NamedTuple):
@@ -49,12 +47,7 @@ class RewardInputs(NamedTuple):
 
 def read_inputs(config: RewardConfig) -> RewardInputs:
     """The checked training and held-out pairs. The split comes before conversion, so the held-out rows are fixed."""
-    rows = read_rows(config.data)
-    check_one_format(config.data, rows)
-    train_rows, eval_rows = split_rows(rows, config)
-    train_pairs, skipped_train = preference_pairs(config.data, train_rows)
-    eval_pairs, skipped_eval = preference_pairs(config.data, eval_rows)
-    return RewardInputs(train_pairs, eval_pairs, len(skipped_train) + len(skipped_eval))
+    return RewardInputs(*read_preference_split(config.data, config.eval_rows, config.eval_fraction))
 
 
 def pair_lengths(tokenizer, pair: dict) -> int:

@@ -14,7 +14,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from rlhf.config import SFTConfig
-from rlhf.data import check_prompt_rows, check_sft_rows, read_rows, split_tail
+from rlhf.data import check_sft_rows, read_rows, split_tail
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
 
@@ -39,16 +39,11 @@ class SFTInputs(NamedTuple):
 
 def read_inputs(config: SFTConfig) -> SFTInputs:
     """The checked demonstrations, and the judge with its held-out prompts if configured."""
-    from rlhf.responses import load_function
+    from rlhf.responses import read_judge
 
     rows = read_rows(config.data)
     data_format = check_sft_rows(config.data, rows)
-    judge, judge_prompts = None, []
-    if config.judge:
-        prompt_rows = read_rows(config.eval_prompts)
-        check_prompt_rows(config.eval_prompts, prompt_rows)
-        judge_prompts = [row["prompt"] for row in prompt_rows]
-        judge = load_function(config.judge, "judge", probe=judge_prompts)
+    judge, judge_prompts = read_judge(config.eval_prompts, config.judge)
     return SFTInputs(rows, data_format, judge, judge_prompts)
 
 
@@ -80,13 +75,6 @@ def check_lengths(path: str, lengths: list[int], max_length: int) -> None:
         )
 
 
-def judge_policy(model, tokenizer, config: SFTConfig, prompts: list, judge, seed: int) -> float:
-    from rlhf.responses import judge_mean, sample_responses
-
-    responses = sample_responses(model, tokenizer, prompts, config.max_new_tokens, temperature=0.0, seed=seed)
-    return judge_mean(judge, prompts, responses)
-
-
 def run(ctx: StageContext) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
@@ -96,6 +84,7 @@ def run(ctx: StageContext) -> dict:
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.distributed import is_main_process
+    from rlhf.responses import judge_policy
     from rlhf.tokenizer import check_fits_model
     from rlhf.training import save_trained, train, trainer_arguments
 
@@ -117,7 +106,7 @@ def run(ctx: StageContext) -> dict:
     out_dir = ctx.begin()
     metrics: dict = {"examples": len(rows)}
     if judge and is_main_process():
-        metrics["judge_before"] = judge_policy(model, tokenizer, config, judge_prompts, judge, ctx.seed)
+        metrics["judge_before"] = judge_policy(model, tokenizer, judge_prompts, judge, config.max_new_tokens, ctx.seed)
 
     # 3. Fine-tune on TRL's SFTTrainer, loss on completions only, optionally through LoRA.
     columns = ["messages"] if data_format == "messages" else ["prompt", "completion"]
@@ -144,7 +133,7 @@ def run(ctx: StageContext) -> dict:
         return {}
     if judge:
         policy = AutoModelForCausalLM.from_pretrained(out_dir).to(trainer.args.device)
-        metrics["judge_after"] = judge_policy(policy, tokenizer, config, judge_prompts, judge, ctx.seed)
+        metrics["judge_after"] = judge_policy(policy, tokenizer, judge_prompts, judge, config.max_new_tokens, ctx.seed)
     metrics.update(
         eval_loss=evaluation["eval_loss"], eval_perplexity=math.exp(evaluation["eval_loss"]),
         eval_accuracy=evaluation.get("eval_mean_token_accuracy"), train_seconds=round(seconds, 1),

@@ -1,0 +1,125 @@
+"""Stage `dpo`: direct preference optimisation of the SFT policy on preference pairs, on TRL's `DPOTrainer`.
+
+No reward model and no sampling: the policy learns from the pairs directly, its implicit reward
+being beta x its log-probability ratio to the reference, the SFT policy held fixed (with `lora`,
+the same model with its adapters disabled, so only one copy is kept; the adapters are merged into
+the saved model, so later stages load a plain model). The pairs are the reward stage's, read by
+the same code. TRL logs rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins and
+logps/chosen, logps/rejected to metrics.jsonl; held-out pairs give the same figures at the end. If
+a judge is configured, the SFT and the DPO policies answer the held-out prompts greedily and both
+scores are reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+from rlhf.config import DPOStageConfig
+from rlhf.data import read_preference_split
+from rlhf.stages import StageContext
+
+DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch; the main one judges
+
+
+def upstream(config: DPOStageConfig) -> tuple[str, ...]:
+    return ("sft",)
+
+
+def inputs(config: DPOStageConfig) -> list[str]:
+    return [config.data] + ([config.eval_prompts] if config.eval_prompts else [])
+
+
+class DPOInputs(NamedTuple):
+    train_pairs: list[dict]
+    eval_pairs: list[dict]
+    """The last rows of the file (`eval_rows`, else `eval_fraction`), split before conversion."""
+    skipped: int
+    """hh-rlhf rows left out for an empty final answer."""
+    judge: Callable | None
+    judge_prompts: list[Any]
+
+
+def read_inputs(config: DPOStageConfig) -> DPOInputs:
+    """The checked pairs, split as the reward stage splits them, and the judge with its held-out prompts if configured."""
+    from rlhf.responses import read_judge
+
+    train_pairs, eval_pairs, skipped = read_preference_split(config.data, config.eval_rows, config.eval_fraction)
+    judge, judge_prompts = read_judge(config.eval_prompts, config.judge)
+    return DPOInputs(train_pairs, eval_pairs, skipped, judge, judge_prompts)
+
+
+def run(ctx: StageContext) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    import rlhf.model  # noqa: F401  (registers the Auto classes)
+    from rlhf.distributed import is_main_process
+    from rlhf.responses import judge_policy
+    from rlhf.tokenizer import check_fits_model
+    from rlhf.training import save_trained, train, trainer_arguments
+
+    config: DPOStageConfig = ctx.config
+
+    # 1. Read and check the pairs (and judge prompts); the held-out rows are the file's last.
+    train_pairs, eval_pairs, skipped, judge, judge_prompts = read_inputs(config)
+    if skipped:
+        print(f"dpo: skipped {skipped} hh-rlhf pairs whose final answer is empty")
+
+    # 2. Load the SFT policy twice: the model to train and the fixed reference (none with LoRA:
+    #    TRL then scores the reference with the adapters disabled).
+    sft_dir = ctx.upstream("sft")
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    check_fits_model(tokenizer, model.config, sft_dir)
+    max_length = config.max_length or model.config.n_positions
+    if max_length > model.config.n_positions:
+        raise ctx.setting_error("max_length", f"{max_length} exceeds the SFT model's context ({model.config.n_positions})")
+    reference = None if config.lora else AutoModelForCausalLM.from_pretrained(sft_dir)
+    out_dir = ctx.begin()
+    metrics: dict = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "skipped_empty_pairs": skipped}
+    if judge and is_main_process():
+        metrics["judge_before"] = judge_policy(model, tokenizer, judge_prompts, judge, config.max_new_tokens, ctx.seed)
+
+    # 3. Train on TRL's DPOTrainer with the chosen loss, optionally through LoRA.
+    to_dataset = lambda pairs: Dataset.from_list([{k: v for k, v in p.items() if k != "margin"} for p in pairs])  # noqa: E731
+    args = trainer_arguments(
+        TRLDPOConfig, config, out_dir, ctx.seed, has_eval=True, max_length=max_length,
+        beta=config.beta, loss_type=[config.loss_type], label_smoothing=config.label_smoothing,
+    )  # fmt: skip
+    peft_config = None
+    if config.lora:
+        lora = config.lora
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    trainer = DPOTrainer(
+        model=model, ref_model=reference, args=args, processing_class=tokenizer, peft_config=peft_config,
+        train_dataset=to_dataset(train_pairs), eval_dataset=to_dataset(eval_pairs),
+    )  # fmt: skip
+    seconds = train(trainer, ctx)
+    evaluation = trainer.evaluate()
+
+    # 4. Save (adapters merged); the main process judges the saved policy.
+    save_trained(trainer, tokenizer, out_dir, merge_lora=config.lora is not None)
+    if not is_main_process():
+        return {}
+    if judge:
+        policy = AutoModelForCausalLM.from_pretrained(out_dir).to(trainer.args.device)
+        metrics["judge_after"] = judge_policy(policy, tokenizer, judge_prompts, judge, config.max_new_tokens, ctx.seed)
+    metrics.update(
+        eval_loss=evaluation["eval_loss"], eval_accuracy=evaluation["eval_rewards/accuracies"],
+        eval_margin=evaluation["eval_rewards/margins"], train_seconds=round(seconds, 1), steps=trainer.state.global_step,
+    )  # fmt: skip
+    print(
+        f"dpo: {metrics['steps']} steps in {seconds:.1f} s ({config.loss_type}, beta {config.beta:g}); on "
+        f"{len(eval_pairs)} held-out pairs: loss {metrics['eval_loss']:.4f}, implicit-reward accuracy "
+        f"{metrics['eval_accuracy']:.3f}, mean margin {metrics['eval_margin']:.3f}"
+    )
+    if judge:
+        print(
+            f"dpo: judge score on {len(judge_prompts)} held-out prompts (greedy): SFT "
+            f"{metrics['judge_before']:.3f} -> DPO {metrics['judge_after']:.3f}"
+        )
+    return metrics
