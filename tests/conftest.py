@@ -97,6 +97,15 @@ def tiny_sft(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_dpo(tmp_path_factory):
+    """The tiny pipeline's first stages, then DPO from its SFT policy (`pipeline_helpers.write_tiny_dpo`), run once."""
+    from pipeline_helpers import run_once, write_tiny_dpo
+
+    folder = tmp_path_factory.mktemp("tiny_dpo")
+    return run_once(write_tiny_dpo(folder), folder)
+
+
+@pytest.fixture(scope="session")
 def tiny_critic_free(tiny_rlhf, tmp_path_factory):
     """The three critic-free stages run once, uninterrupted, on a copy of the session's tiny run
     (`pipeline_helpers.write_tiny_critic_free`: PPO and the report dropped)."""

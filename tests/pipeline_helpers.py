@@ -236,6 +236,18 @@ def loss_steps(stage_dir: Path) -> list[int]:
 
 
 CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
+DPO_STEPS = 4
+
+
+def write_tiny_dpo(folder: Path) -> Path:
+    """The tiny pipeline's tokenizer, pretrain and sft, then dpo on its preference pairs (a checkpoint every step)."""
+    tree = yaml.safe_load(write_tiny_rlhf(folder, report=False).read_text(encoding="utf-8"))
+    stages = tree["stages"]
+    del stages["reward"], stages["ppo"]
+    stages["dpo"] = {"data": str(folder / "preferences.jsonl"), "max_steps": DPO_STEPS, "batch_size": 4, "eval_rows": 8,
+                     "eval_batch_size": 8, "lr": 1.0e-3, "log_every": 1, "save_every": 1, "beta": 0.1,
+                     "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge", "max_new_tokens": 8}  # fmt: skip
+    return write_yaml(folder / "tiny_dpo.yaml", tree)
 
 
 def write_tiny_critic_free(folder: Path) -> Path:

@@ -22,7 +22,8 @@ from rlhf.stages import STAGES
 
 REQUIRED = {
     "tokenizer": {"data": ["a.txt"]}, "pretrain": {"data": ["a.txt"]}, "sft": {"data": "a.jsonl"},
-    "reward": {"data": "a.jsonl"}, "dpo": {"data": "a.jsonl"}, "ppo": {"prompts": "p.jsonl"}, "report": {"eval_prompts": "e.jsonl"},
+    "reward": {"data": "a.jsonl"}, "dpo": {"data": "a.jsonl"}, "ppo": {"prompts": "p.jsonl"},
+    "grpo": {"prompts": "p.jsonl"}, "rloo": {"prompts": "p.jsonl"}, "reinforce_pp": {"prompts": "p.jsonl"}, "report": {"eval_prompts": "e.jsonl"},
 }  # fmt: skip
 """The least each stage needs to build: a numeric field set on top of it is the only thing wrong."""
 

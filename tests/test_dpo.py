@@ -16,26 +16,15 @@ import pytest
 
 from rlhf.artifacts import building_dir, read_manifest, read_metrics, verify_outputs
 
-from pipeline_helpers import clone, run, run_killed, run_once, write_tiny_rlhf, write_yaml
+from pipeline_helpers import DPO_STEPS, clone, run, run_killed
 
-DPO_STEPS = 4
 WEIGHT_ATOL = 1e-6  # a resumed run must reproduce the uninterrupted one's weights to float32 rounding
 DPO_COLUMNS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The tiny pipeline's tokenizer, pretrain and sft, then dpo on its preference pairs (a checkpoint every step)."""
-    import yaml
-
-    folder = tmp_path_factory.mktemp("tiny_dpo")
-    tree = yaml.safe_load(write_tiny_rlhf(folder, report=False).read_text(encoding="utf-8"))
-    stages = tree["stages"]
-    del stages["reward"], stages["ppo"]
-    stages["dpo"] = {"data": str(folder / "preferences.jsonl"), "max_steps": DPO_STEPS, "batch_size": 4, "eval_rows": 8,
-                     "eval_batch_size": 8, "lr": 1.0e-3, "log_every": 1, "save_every": 1, "beta": 0.1,
-                     "eval_prompts": str(folder / "eval.jsonl"), "judge": "rlhf.demo_task:gold_judge", "max_new_tokens": 8}  # fmt: skip
-    return run_once(write_yaml(folder / "tiny_dpo.yaml", tree), folder)
+@pytest.fixture
+def base(tiny_dpo):
+    return tiny_dpo
 
 
 def weights(path: Path) -> dict:

@@ -63,6 +63,7 @@ FAILURES = {
     "sft": (("stages.sft.lr=5e-4",), DataError("a library rejected a value"), 2),
     "reward": (("--force",), TrainingDiverged("NaN"), 1),
     "ppo": (("--force",), TypeError("a plug-in with a wrong signature"), None),
+    "dpo": (("stages.dpo.beta=0.2",), RuntimeError("a traceback"), None),
     "grpo": (("stages.grpo.lr=5e-4",), KeyboardInterrupt(), 130),
     "rloo": (("--force",), TrainingDiverged("NaN"), 1),
     "reinforce_pp": (("--force",), DataError("a library rejected a value"), 2),
@@ -73,8 +74,8 @@ assert set(FAILURES) == set(STAGES), "every registered stage is tested"
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_rebuild_that_fails_late_keeps_the_complete_stage(tiny_rlhf, request, tmp_path, capsys, monkeypatch, stage) -> None:
-    if stage in CRITIC_FREE:  # not in the tiny pipeline: their own, which extends it
-        tiny_rlhf = request.getfixturevalue("tiny_critic_free")
+    if stage in CRITIC_FREE or stage == "dpo":  # not in the tiny pipeline: in pipelines of their own
+        tiny_rlhf = request.getfixturevalue("tiny_dpo" if stage == "dpo" else "tiny_critic_free")
     run_dir = clone(tiny_rlhf, tmp_path)
     before = hashes(run_dir / stage)
     how, error, exit_code = FAILURES[stage]
