@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 from pipeline_helpers import clone, hold_lock, run, snapshot, write_tiny_rlhf
 
