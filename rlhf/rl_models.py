@@ -70,17 +70,17 @@ class RLModels:
 def load_models(sft_dir, reward_dir, tokenizer, lora, with_value: bool) -> RLModels:
     """The policy (from SFT; LoRA adapters added if `lora`), its reference (a frozen copy, or None with
     LoRA), the frozen reward model and, `with_value`, a value model initialised from it; dropout off everywhere."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.model import set_dropout
+    from rlhf.training import peft_config
 
     policy = AutoModelForCausalLM.from_pretrained(sft_dir)
     reference = None
     if lora:
-        policy = get_peft_model(policy, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                   target_modules=lora.target_modules, task_type="CAUSAL_LM"))  # fmt: skip
+        policy = get_peft_model(policy, peft_config(lora))
     else:
         reference = AutoModelForCausalLM.from_pretrained(sft_dir).eval().requires_grad_(False)
     reward = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval().requires_grad_(False)

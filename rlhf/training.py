@@ -268,6 +268,31 @@ def train(trainer, ctx) -> float:
     return time.perf_counter() - started
 
 
+def peft_config(lora):
+    """PEFT's LoraConfig for our causal LM from a stage's `LoraSettings`; None without LoRA."""
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      task_type="CAUSAL_LM")  # fmt: skip
+
+
+def save_and_judge(trainer, tokenizer, out_dir: Path, config, judge, judge_prompts: list, seed: int) -> float | None:
+    """Save the trained policy (adapters merged) with `save_trained`; then, on the main process, the held-out
+    judge score of the saved policy (greedy, as `rlhf.responses.judge_policy`). None without a judge or
+    on the other processes."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.responses import judge_policy
+
+    save_trained(trainer, tokenizer, out_dir, merge_lora=config.lora is not None)
+    if not judge or not is_main_process():
+        return None
+    policy = AutoModelForCausalLM.from_pretrained(out_dir).to(trainer.args.device)
+    return judge_policy(policy, tokenizer, judge_prompts, judge, config.max_new_tokens, seed)
+
+
 def save_trained(trainer, tokenizer, out_dir: Path, merge_lora: bool = False) -> None:
     """The trained model (LoRA adapters merged) and tokenizer in save_pretrained layout, written by the
     main process. Sharded by FSDP or DeepSpeed, the full weights are gathered first, every process

@@ -50,7 +50,6 @@ def read_inputs(config: DPOStageConfig) -> DPOInputs:
 
 def run(ctx: StageContext) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
@@ -59,7 +58,7 @@ def run(ctx: StageContext) -> dict:
     from rlhf.distributed import is_main_process
     from rlhf.responses import judge_policy
     from rlhf.tokenizer import check_fits_model
-    from rlhf.training import save_trained, train, trainer_arguments
+    from rlhf.training import peft_config, save_and_judge, train, trainer_arguments
 
     config: DPOStageConfig = ctx.config
 
@@ -89,25 +88,19 @@ def run(ctx: StageContext) -> dict:
         TRLDPOConfig, config, out_dir, ctx.seed, has_eval=True, max_length=max_length,
         beta=config.beta, loss_type=[config.loss_type], label_smoothing=config.label_smoothing,
     )  # fmt: skip
-    peft_config = None
-    if config.lora:
-        lora = config.lora
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
     trainer = DPOTrainer(
-        model=model, ref_model=reference, args=args, processing_class=tokenizer, peft_config=peft_config,
+        model=model, ref_model=reference, args=args, processing_class=tokenizer, peft_config=peft_config(config.lora),
         train_dataset=to_dataset(train_pairs), eval_dataset=to_dataset(eval_pairs),
     )  # fmt: skip
     seconds = train(trainer, ctx)
     evaluation = trainer.evaluate()
 
     # 4. Save (adapters merged); the main process judges the saved policy.
-    save_trained(trainer, tokenizer, out_dir, merge_lora=config.lora is not None)
+    judged = save_and_judge(trainer, tokenizer, out_dir, config, judge, judge_prompts, ctx.seed)
     if not is_main_process():
         return {}
     if judge:
-        policy = AutoModelForCausalLM.from_pretrained(out_dir).to(trainer.args.device)
-        metrics["judge_after"] = judge_policy(policy, tokenizer, judge_prompts, judge, config.max_new_tokens, ctx.seed)
+        metrics["judge_after"] = judged
     metrics.update(
         eval_loss=evaluation["eval_loss"], eval_accuracy=evaluation["eval_rewards/accuracies"],
         eval_margin=evaluation["eval_rewards/margins"], train_seconds=round(seconds, 1), steps=trainer.state.global_step,

@@ -77,7 +77,6 @@ def check_lengths(path: str, lengths: list[int], max_length: int) -> None:
 
 def run(ctx: StageContext) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -86,7 +85,7 @@ def run(ctx: StageContext) -> dict:
     from rlhf.distributed import is_main_process
     from rlhf.responses import judge_policy
     from rlhf.tokenizer import check_fits_model
-    from rlhf.training import save_trained, train, trainer_arguments
+    from rlhf.training import peft_config, save_and_judge, train, trainer_arguments
 
     config: SFTConfig = ctx.config
 
@@ -115,25 +114,19 @@ def run(ctx: StageContext) -> dict:
         TRLSFTConfig, config, out_dir, ctx.seed, has_eval=True,
         max_length=max_length, assistant_only_loss=data_format == "messages",
     )  # fmt: skip
-    peft_config = None
-    if config.lora:
-        lora = config.lora
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=to_dataset(train_rows), eval_dataset=to_dataset(eval_rows),
-        processing_class=tokenizer, peft_config=peft_config,
+        processing_class=tokenizer, peft_config=peft_config(config.lora),
     )  # fmt: skip
     seconds = train(trainer, ctx)
     evaluation = trainer.evaluate()
 
     # 4. Save (adapters merged); the main process judges the saved policy.
-    save_trained(trainer, tokenizer, out_dir, merge_lora=config.lora is not None)
+    judged = save_and_judge(trainer, tokenizer, out_dir, config, judge, judge_prompts, ctx.seed)
     if not is_main_process():
         return {}
     if judge:
-        policy = AutoModelForCausalLM.from_pretrained(out_dir).to(trainer.args.device)
-        metrics["judge_after"] = judge_policy(policy, tokenizer, judge_prompts, judge, config.max_new_tokens, ctx.seed)
+        metrics["judge_after"] = judged
     metrics.update(
         eval_loss=evaluation["eval_loss"], eval_perplexity=math.exp(evaluation["eval_loss"]),
         eval_accuracy=evaluation.get("eval_mean_token_accuracy"), train_seconds=round(seconds, 1),
