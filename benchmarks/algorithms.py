@@ -2,12 +2,13 @@
 
 Every algorithm starts from the same finished demo run (its tokenizer, pretrain, SFT and reward stages
 are copied, never retrained) and runs its shipped pipeline's stage (`pipelines/demo.yaml` for PPO,
-`pipelines/demo_<algorithm>.yaml` for the others) on this machine, one after another, with:
-- `max_seconds` = the budget (`--budget`, default 90 s): it stops after the iteration (RL) or
-  optimizer step (DPO) that reaches it, so no algorithm stops early for its step count (`steps` /
-  `epochs` raised, the learning rate held constant: a decay schedule cut short would compare
-  schedules, not algorithms);
-- a checkpoint every `--save-every` iterations (RL) or steps (DPO; the Trainer keeps the last two).
+`pipelines/demo_<algorithm>.yaml` for the others) on this machine, one after another, with the same
+wall-clock budget, `max_seconds` = `--budget` (default 120 s): a stage stops after the iteration (RL)
+or optimizer step (DPO) that reaches it. By default each runs its shipped recipe (steps and schedule)
+within the budget, and the cheaper ones finish early (the table gives each one's time);
+`--fill-budget` makes every one train until the budget ends instead (`steps` / `epochs` raised, the
+learning rate held constant: a decay schedule cut short would compare schedules, not algorithms).
+A checkpoint is kept every `--save-every` iterations (RL) or steps (DPO; the Trainer keeps the last two).
 
 Then, on the demo's held-out prompts:
 - the table: the gold judge over `--seeds` sampling seeds against SFT's with the same seeds (mean
@@ -18,7 +19,7 @@ Then, on the demo's held-out prompts:
   from the SFT policy (n = 1, 2, 4, 8, 16; KL log n - (n - 1)/n) as the reference curve, drawn to
   `<out>/algorithms_frontier.png`; the table goes to `<out>/algorithms.md` and `algorithms.json`.
 
-Run after `rlhf run`:  python benchmarks/algorithms.py runs/demo [--budget 90] [--seeds 5] [--work runs/algorithms]
+Run after `rlhf run`:  python benchmarks/algorithms.py runs/demo [--budget 120] [--fill-budget] [--seeds 5] [--work runs/algorithms]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-ALGORITHMS = {  # name -> (stage, pipeline, the overrides that let it run to the budget)
+ALGORITHMS = {  # name -> (stage, pipeline, the overrides that let it train until the budget ends: --fill-budget)
     "ppo": ("ppo", "pipelines/demo.yaml", ["steps=100000"]),
     "grpo": ("grpo", "pipelines/demo_grpo.yaml", ["steps=100000"]),
     "rloo": ("rloo", "pipelines/demo_rloo.yaml", ["steps=100000"]),
@@ -45,7 +46,7 @@ UPSTREAM = ("tokenizer", "pretrain", "sft", "reward")
 BEST_OF = (1, 2, 4, 8, 16)
 
 
-def train(name: str, demo: Path, work: Path, budget: float, save_every: int) -> dict:
+def train(name: str, demo: Path, work: Path, budget: float, save_every: int, fill: bool) -> dict:
     """Run algorithm `name`'s stage on a copy of the demo's upstream stages; returns its manifest."""
     stage, pipeline, overrides = ALGORITHMS[name]
     run_dir = work / name
@@ -53,7 +54,7 @@ def train(name: str, demo: Path, work: Path, budget: float, save_every: int) -> 
     run_dir.mkdir(parents=True)
     for upstream in UPSTREAM:
         shutil.copytree(demo / upstream, run_dir / upstream)
-    settings = [*overrides, f"max_seconds={budget}", "lr_schedule=constant", f"save_every={save_every}"]
+    settings = [f"max_seconds={budget}", f"save_every={save_every}"] + ([*overrides, "lr_schedule=constant"] if fill else [])
     command = ["rlhf", "run", pipeline, "--run-dir", str(run_dir), "--only", stage, *[f"stages.{stage}.{s}" for s in settings]]
     print(f"{name}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
@@ -155,15 +156,16 @@ def draw(frontiers: dict, curve: list, path: Path) -> None:
     plt.close(figure)
 
 
-def table(rows: dict, sft: dict, seeds: int, budget: float) -> str:
-    lines = [f"Same budget: {budget:g} s of training each on this machine; gold judge over {seeds} sampling seeds.", "",
-             "| algorithm | gold judge | gain vs SFT (95% CI) | better / worse | sign-test p | RM score | KL to SFT | episodes/s | wall s |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| SFT | {sft['gold']:.3f} | | | | {sft['rm_score']:.3f} | 0 | | |"]  # fmt: skip
+def table(rows: dict, sft: dict, seeds: int, budget: float, fill: bool) -> str:
+    how = "each trained until it ended" if fill else "each ran its shipped recipe within it"
+    lines = [f"Budget: {budget:g} s of training per algorithm on this machine ({how}); gold judge over {seeds} sampling seeds.", "",
+             "| algorithm | gold judge | gain vs SFT (95% CI) | better / worse | sign-test p | RM score | KL to SFT | episodes/s | training s | stage wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| SFT | {sft['gold']:.3f} | | | | {sft['rm_score']:.3f} | 0 | | | |"]  # fmt: skip
     for name, row in rows.items():
         lines.append(f"| {name} | {row['gold']:.3f} | {row['gain']:+.3f} [{row['gain_low']:+.3f}, {row['gain_high']:+.3f}] | "
                      f"{row['better']} / {row['worse']} | {row['p_value']:.2g} | {row['rm_score']:.3f} | {row['kl']:.3f} | "
-                     f"{row['episodes_per_second']:.1f} | {row['wall_seconds']:.0f} |")  # fmt: skip
+                     f"{row['episodes_per_second']:.1f} | {row['train_seconds']:.0f} | {row['wall_seconds']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -171,7 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?", default="runs/demo", help="a finished demo run")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
-    parser.add_argument("--budget", type=float, default=90.0, help="seconds of training per algorithm")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds of training per algorithm, at most")
+    parser.add_argument("--fill-budget", action="store_true", help="train every algorithm until the budget ends")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--save-every", type=int, default=10)
     parser.add_argument("--work", default="runs/algorithms", help="where each algorithm's run directory goes")
@@ -187,7 +190,7 @@ def main() -> None:
 
     demo, work, out = Path(args.run_dir), Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    manifests = {name: train(name, demo, work, args.budget, args.save_every) for name in args.algorithms}
+    manifests = {name: train(name, demo, work, args.budget, args.save_every, args.fill_budget) for name in args.algorithms}
 
     sft = AutoModelForCausalLM.from_pretrained(demo / "sft").eval()
     context = {"tokenizer": AutoTokenizer.from_pretrained(demo / "sft"), "prompts": [row["prompt"] for row in read_rows(args.prompts)],
@@ -201,15 +204,15 @@ def main() -> None:
         final = measure(AutoModelForCausalLM.from_pretrained(stage_dir).eval(), context, args.seeds)
         examples, seconds = throughput(stage_dir, manifest)
         rows[name] = {**against_sft(final["gold"], sft_gold), "rm_score": final["rm_score"], "kl": final["kl"],
-                      "episodes_per_second": examples / seconds, "wall_seconds": manifest["wall_seconds"]}  # fmt: skip
+                      "episodes_per_second": examples / seconds, "train_seconds": seconds, "wall_seconds": manifest["wall_seconds"]}  # fmt: skip
         frontiers[name] = [(0.0, 0.0, statistics.fmean(sft_gold[0]))] + [(i, kl, gold) for i, (kl, gold) in enumerate(points, 1)]
         print(f"{name}: gold {rows[name]['gold']:.3f} (gain {rows[name]['gain']:+.3f}, p {rows[name]['p_value']:.2g}), "
               f"KL {final['kl']:.3f}", flush=True)  # fmt: skip
     curve = best_of_curve(context)
-    markdown = table(rows, baseline, args.seeds, args.budget)
+    markdown = table(rows, baseline, args.seeds, args.budget, args.fill_budget)
     print(markdown)
     (out / "algorithms.md").write_text(markdown + "\n", encoding="utf-8")
-    (out / "algorithms.json").write_text(json.dumps({"budget": args.budget, "seeds": args.seeds, "sft": baseline, "algorithms": rows,
+    (out / "algorithms.json").write_text(json.dumps({"budget": args.budget, "fill_budget": args.fill_budget, "seeds": args.seeds, "sft": baseline, "algorithms": rows,
                                                      "frontiers": frontiers, "best_of": curve}, indent=1), encoding="utf-8")  # fmt: skip
     draw({name: [(kl, gold) for _, kl, gold in points] for name, points in frontiers.items()}, curve, out / "algorithms_frontier.png")
     print(f"wrote {out / 'algorithms.md'}, {out / 'algorithms.json'}, {out / 'algorithms_frontier.png'}")
