@@ -122,6 +122,8 @@ class RLRun:
         self.optimizer = self.schedule = None
         self.controller = kl_controller(ctx.config)
         self.start_step = 0
+        self.iterations = 0
+        """Iterations done so far, those before a resume included."""
         self.sft_evaluation: dict | None = None
         self.resumed_from: Path | None = None
         self.encoded: list[list[int]] = []
@@ -264,6 +266,7 @@ class RLRun:
         progress = tqdm(range(self.start_step, config.steps), initial=self.start_step, total=config.steps, desc=ctx.name,
                         unit="it", disable=not is_main_process())  # fmt: skip
         diverged, started = 0, time.perf_counter()  # diverged: iterations in a row whose every update was NaN or inf
+        self.iterations = self.start_step
         with GracefulStop(ctx.name) as stop:  # SIGINT/SIGTERM: finish the iteration, save a checkpoint, stop
             for step in progress:
                 # a. This process's share of the iteration's prompts, sampled and scored with its own seed.
@@ -304,7 +307,6 @@ class RLRun:
                 if out_of_time:
                     print(f"{ctx.name}: stopped after iteration {step + 1} of {config.steps}: max_seconds {config.max_seconds:g} reached")
                     break
-        self.episodes = getattr(self, "iterations", self.start_step) * episodes_per_step
 
     # 6. Evaluate and save.
     def finish(self) -> dict:
@@ -314,7 +316,8 @@ class RLRun:
             return {}
         ctx, models, before = self.ctx, self.models, self.sft_evaluation
         norm = models.score_normalisation
-        metrics: dict = {"iterations": getattr(self, "iterations", self.start_step), "episodes": self.episodes,
+        episodes = self.iterations * self.config.rollout_batch_size * self.config.group_size * world_size()
+        metrics: dict = {"iterations": self.iterations, "episodes": episodes,
                          "beta": self.controller.value, "score_norm_mean": norm.mean, "score_norm_std": norm.std,
                          "score_norm_samples": norm.samples}  # fmt: skip
         if self.inputs.eval_prompts:
