@@ -8,6 +8,7 @@ One tiny run is shared by the module; tests that change a run work on a copy of 
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from pathlib import Path
@@ -144,3 +145,22 @@ def test_max_seconds_stops_training_early_and_the_stage_completes(base, tmp_path
     manifest = read_manifest(run_dir / "dpo")
     assert manifest["status"] == "complete" and manifest["metrics"]["steps"] == 1 < DPO_STEPS
     assert (run_dir / "dpo" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_runs_data_parallel_under_torchrun(base, tmp_path) -> None:
+    """Two processes each take their share of every batch: half the optimizer steps of one process
+    for the same data, once, and the run completes with a loadable policy."""
+    import shutil
+
+    from test_distributed import WORLD, torchrun
+
+    run_dir = clone(base, tmp_path)
+    shutil.rmtree(run_dir / "dpo")
+    result = torchrun("run", base.pipeline, "--run-dir", run_dir, "--only", "dpo", "stages.dpo.max_steps=-1", "stages.dpo.epochs=1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("[dpo] running") == 1
+    manifest = read_manifest(run_dir / "dpo")
+    assert manifest["status"] == "complete" and verify_outputs(run_dir / "dpo", manifest) is None
+    per_process = math.ceil(len(training_pairs(base)) / WORLD)  # the sampler pads the last share
+    assert manifest["metrics"]["steps"] == math.ceil(per_process / 4), "each step saw WORLD x batch_size pairs"
