@@ -44,14 +44,14 @@ def test_normalised_is_raw_minus_mean_over_std(scorer) -> None:
 def test_older_and_folded_reward_models_score_alike(reward_dir, tmp_path) -> None:
     """A reward model saved before normalisation was folded into the head (no score bias, its statistics
     in the config) and the same model as the reward stage now saves it (statistics folded into the head,
-    config 0 and 1) give the same normalised scores, through RewardScorer and PPO's `normalised_scores`
+    config 0 and 1) give the same normalised scores, through RewardScorer and the RL stages' `normalised_scores`
     alike, and neither is normalised twice."""
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.model import normalise_score_head
-    from rlhf.ppo import normalised_scores
+    from rlhf.rl_models import normalised_scores
     from rlhf.scoring import RewardScorer, render_conversation
 
     older, folded = tmp_path / "older", tmp_path / "folded"
