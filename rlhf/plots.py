@@ -8,7 +8,15 @@ from pathlib import Path
 from rlhf.artifacts import read_metrics
 
 NOT_CURVES = {"step", "epoch", "time", "episodes", "num_tokens", "total_flos"}
-X_LABELS = {"ppo": "PPO iteration"}
+
+
+def x_label_of(stage: str) -> str:
+    """What a stage's metrics rows count: RL iterations (rollout and update) or optimizer steps."""
+    from rlhf.config import RLConfig
+    from rlhf.stages import STAGES
+
+    registered = STAGES.get(stage)
+    return f"{stage} iteration" if registered and issubclass(registered.config, RLConfig) else "optimizer step"
 
 
 LANGUAGE_MODEL_STAGES = ("pretrain", "sft")
@@ -45,7 +53,7 @@ def plot_stage(stage_dir: Path, out: Path) -> Path | None:
     columns = min(4, len(series))
     rows = math.ceil(len(series) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    x_label = X_LABELS.get(stage_dir.name, "optimizer step")
+    x_label = x_label_of(stage_dir.name)
     for axis, (name, (steps, values)) in zip(axes.flat, sorted(series.items())):
         axis.plot(steps, values, marker="." if len(steps) < 30 else None)
         axis.set_title(name)

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rlhf.config.stages import TOKENIZER_KINDS as KINDS
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -35,7 +37,6 @@ SYSTEM_TOKEN = "<|system|>"
 USER_TOKEN = "<|user|>"
 ASSISTANT_TOKEN = "<|assistant|>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOS_TOKEN, SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]  # ids 0..4
-KINDS = ("bpe", "char")
 _MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the full byte alphabet
 
 # Each message renders as '<|role|>' + content + '<|endoftext|>', with no extra whitespace.

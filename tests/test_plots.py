@@ -56,3 +56,11 @@ def test_plot_cli_writes_files(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "plots" / "pretrain.png").is_file()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_rl_stages_are_plotted_against_iterations_the_others_against_optimizer_steps() -> None:
+    from rlhf.plots import x_label_of
+
+    assert [x_label_of(stage) for stage in ("ppo", "grpo", "rloo", "reinforce_pp")] == [
+        "ppo iteration", "grpo iteration", "rloo iteration", "reinforce_pp iteration"]
+    assert {x_label_of(stage) for stage in ("pretrain", "sft", "reward", "dpo")} == {"optimizer step"}

@@ -341,3 +341,9 @@ def test_rollout_select_picks_rows_consistently():
                          ("advantages", 40), ("returns", 50)]:
         assert getattr(mb, name)[:, 0].tolist() == [2 + offset, 0 + offset], name
     assert rollout.select(torch.tensor([False, True, False])).scores.tolist() == [1.0]
+
+
+def test_the_config_accepts_exactly_the_kl_estimators_there_are() -> None:
+    from rlhf.config.rl import KL_ESTIMATOR_NAMES
+
+    assert set(KL_ESTIMATOR_NAMES) == set(KL_ESTIMATORS)

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 from rlhf.config.base import LoraSettings, OptimizationConfig, _check
 
+KL_ESTIMATOR_NAMES = ("k1",)
+"""The names of `rlhf.ppo_math.KL_ESTIMATORS` (which needs torch; a test keeps the two equal)."""
+
+
 @dataclass
 class RLConfig(OptimizationConfig):
     """Settings of the RL driver (`rlhf.rl_driver`), shared by every algorithm."""
@@ -130,7 +134,8 @@ class PPOConfig(RLConfig):
         _check(self.value_lr >= 0, f"value_lr: must be >= 0, got {self.value_lr}")
         _check(self.kl_estimator != "k3", "kl_estimator: 'k3' as a per-token reward gives a biased KL gradient "
                                           "(E[k3 * grad log pi] != grad KL); use 'k1', whose gradient is exact")
-        _check(self.kl_estimator == "k1", f"kl_estimator: must be 'k1', got {self.kl_estimator!r}")
+        _check(self.kl_estimator in KL_ESTIMATOR_NAMES,
+               f"kl_estimator: must be one of {', '.join(KL_ESTIMATOR_NAMES)}, got {self.kl_estimator!r}")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam: must be in [0, 1]")
         _check(self.clip_range_value > 0, f"clip_range_value: must be positive, got {self.clip_range_value}")
         _check(self.vf_coef >= 0, f"vf_coef: must be >= 0, got {self.vf_coef}")

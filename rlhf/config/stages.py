@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from rlhf.config.base import MAX_VOCAB, LoraSettings, ModelShape, TrainingConfig, _check
 
 
+TOKENIZER_KINDS = ("bpe", "char")
+"""The tokenizers `rlhf.tokenizer.train_tokenizer` builds."""
+
+
 @dataclass
 class TokenizerConfig:
     data: list[str] = field(default_factory=list)
@@ -20,7 +24,7 @@ class TokenizerConfig:
 
     def __post_init__(self):
         _check(len(self.data) > 0, "data: give at least one file")
-        _check(self.kind in ("bpe", "char"), f"kind: must be 'bpe' or 'char', got {self.kind!r}")
+        _check(self.kind in TOKENIZER_KINDS, f"kind: must be one of {', '.join(TOKENIZER_KINDS)}, got {self.kind!r}")
         _check(261 <= self.vocab_size <= MAX_VOCAB,
                f"vocab_size: must be in [261, {MAX_VOCAB}] (specials + 256 bytes at least), got {self.vocab_size}")
         _check(self.exclude_last_rows >= 0, f"exclude_last_rows: must be >= 0, got {self.exclude_last_rows}")
