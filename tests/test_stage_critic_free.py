@@ -117,3 +117,10 @@ def test_grpo_runs_data_parallel_under_torchrun(trained, tmp_path, monkeypatch) 
     rows = read_metrics(run_dir / "grpo")
     assert [row["episodes"] for row in rows] == [WORLD * ROLLOUT * (i + 1) for i in range(PPO_STEPS)]
     assert read_manifest(run_dir / "grpo")["status"] == "complete"
+
+
+def test_the_report_gives_every_rl_stage_the_same_headline_metrics() -> None:
+    from rlhf.stages.report import RL_HEADLINE_METRICS, headline_metrics
+
+    assert all(headline_metrics(stage) == RL_HEADLINE_METRICS for stage in ("ppo", *CRITIC_FREE))
+    assert "judge_after" in headline_metrics("sft") and headline_metrics("report") == ()

@@ -22,8 +22,15 @@ HEADLINE_METRICS = {  # stage -> manifest metrics worth a line in the report
     "sft": ("eval_loss", "eval_accuracy", "judge_before", "judge_after"),
     "reward": ("eval_accuracy", "eval_margin", "reward_mean", "reward_std"),
     "dpo": ("eval_accuracy", "eval_margin", "judge_before", "judge_after"),
-    "ppo": ("eval_rm_score_sft", "eval_rm_score", "eval_judge_sft", "eval_judge", "eval_kl", "beta"),
 }
+RL_HEADLINE_METRICS = ("eval_rm_score_sft", "eval_rm_score", "eval_judge_sft", "eval_judge", "eval_kl", "beta")
+"""Every RL stage's (`rlhf.rl_driver.RLRun.finish`)."""
+
+
+def headline_metrics(stage: str) -> tuple[str, ...]:
+    from rlhf.config import RLConfig
+
+    return RL_HEADLINE_METRICS if issubclass(STAGES[stage].config, RLConfig) else HEADLINE_METRICS.get(stage, ())
 
 
 def upstream(config: ReportConfig) -> tuple[str, ...]:
@@ -79,7 +86,7 @@ def stage_lines(run_dir: Path) -> list[str]:
         if not manifest:
             continue
         metrics = manifest.get("metrics") or {}
-        shown = ", ".join(f"{k} {_number(metrics[k])}" for k in HEADLINE_METRICS.get(stage, ()) if metrics.get(k) is not None)
+        shown = ", ".join(f"{k} {_number(metrics[k])}" for k in headline_metrics(stage) if metrics.get(k) is not None)
         lines.append(f"| {stage} | {manifest.get('seconds', '-')} | {shown or '-'} |")
     return lines
 
