@@ -162,7 +162,7 @@ class RLRun:
         if tf32_available():
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matrix products autocast leaves
         torch.manual_seed(ctx.seed)
-        models = load_models(sft_dir, reward_dir, tokenizer, config.lora, with_value)
+        models = load_models(sft_dir, reward_dir, tokenizer, config.lora, with_value, config.gradient_checkpointing)
         return cls(ctx, inputs, models, accelerator)
 
     # 2. One optimizer, its schedule; the models on the device.

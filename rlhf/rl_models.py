@@ -67,9 +67,10 @@ class RLModels:
         return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}
 
 
-def load_models(sft_dir, reward_dir, tokenizer, lora, with_value: bool) -> RLModels:
+def load_models(sft_dir, reward_dir, tokenizer, lora, with_value: bool, gradient_checkpointing: bool = False) -> RLModels:
     """The policy (from SFT; LoRA adapters added if `lora`), its reference (a frozen copy, or None with
-    LoRA), the frozen reward model and, `with_value`, a value model initialised from it; dropout off everywhere."""
+    LoRA), the frozen reward model and, `with_value`, a value model initialised from it; dropout off
+    everywhere. With `gradient_checkpointing`, the trained models recompute their activations in backward."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -78,6 +79,9 @@ def load_models(sft_dir, reward_dir, tokenizer, lora, with_value: bool) -> RLMod
     from rlhf.training import peft_config
 
     policy = AutoModelForCausalLM.from_pretrained(sft_dir)
+    if gradient_checkpointing:  # it recomputes only in training mode (dropout is off: the function is unchanged)
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        policy.train()
     reference = None
     if lora:
         policy = get_peft_model(policy, peft_config(lora))
@@ -85,6 +89,9 @@ def load_models(sft_dir, reward_dir, tokenizer, lora, with_value: bool) -> RLMod
         reference = AutoModelForCausalLM.from_pretrained(sft_dir).eval().requires_grad_(False)
     reward = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval().requires_grad_(False)
     value = AutoModelForSequenceClassification.from_pretrained(reward_dir) if with_value else None
+    if value is not None and gradient_checkpointing:
+        value.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        value.train()
     for model in (policy, reference, reward, value):
         if model is not None:
             set_dropout(model, 0.0)

@@ -205,3 +205,24 @@ def test_prompts_longer_than_the_room_left_are_counted(base, tmp_path, capsys) -
                          "stages.ppo.max_new_tokens=88", "stages.ppo.steps=1", "stages.ppo.norm_prompts=0")  # fmt: skip
     assert code == 0, err[-3000:]
     assert re.search(r"ppo: \d+ of 16 prompts are longer than 8 tokens \(the context 96 less max_new_tokens 88\)", out), out[-3000:]
+
+
+def test_gradient_checkpointing_recomputes_and_trains_to_the_same_policy(base, tmp_path, capsys, monkeypatch) -> None:
+    """With gradient_checkpointing the update's forwards are checkpointed (every block, every micro-batch)
+    and the run ends with the same policy as without (dropout is off: recomputing changes nothing)."""
+    import transformers.modeling_utils
+
+    from test_reward_ppo_stages import max_weight_diff
+
+    real, calls = transformers.modeling_utils.checkpoint, []
+
+    def counting(*args, **kwargs):
+        calls.append(None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)  # what the checkpointed blocks call
+    run_dir = clone(base, tmp_path)
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo", "stages.ppo.gradient_checkpointing=true")
+    assert code == 0, err[-3000:]
+    assert calls, "the blocks were checkpointed"
+    assert max_weight_diff(run_dir / "ppo" / "model.safetensors", base.run_dir / "ppo" / "model.safetensors") <= 1e-5

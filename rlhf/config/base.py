@@ -58,6 +58,9 @@ class OptimizationConfig:
     """Gradient clipping by global norm; 0 disables it."""
     amp: str = "auto"
     """Mixed precision: 'auto' (bf16 on CUDA where supported, else fp16; fp32 on CPU), 'bf16', 'fp16', 'off'."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute (the RL stages: the
+    trained models' update forwards; sampling keeps its KV cache)."""
 
     def __post_init__(self):
         _check(self.lr > 0, f"lr: must be positive, got {self.lr}")
@@ -97,8 +100,6 @@ class TrainingConfig(OptimizationConfig):
     """Log metrics every this many steps."""
     save_every: int = 100
     """Write a resumable checkpoint every this many steps."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory, about a third more compute."""
     compile: bool = False
     """torch.compile the model (worth it on CUDA for long runs; the first steps are slow while it compiles)."""
     max_nonfinite_steps: int = 10
