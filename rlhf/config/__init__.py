@@ -47,7 +47,8 @@ from rlhf.config.base import (  # noqa: F401  (the settings every stage shares)
 from rlhf.config.dpo import DPO_LOSS_TYPES, DPOStageConfig  # noqa: F401
 from rlhf.config.rl import CriticFreeConfig, GRPOConfig, PPOConfig, ReinforcePPConfig, RLConfig, RLOOConfig  # noqa: F401
 from rlhf.config.stages import (  # noqa: F401
-    PACKINGS, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig, TokenizerConfig,
+    PACKINGS, REWARD_INIT_STAGES, SFT_INIT_STAGES, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig,
+    TokenizerConfig,
 )
 
 
