@@ -131,11 +131,23 @@ def has_generation_markers(tokenizer) -> bool:
 
 def load_tokenizer(path: str | Path):
     """The folder's tokenizer with a chat template (its own, else ours) and a pad token distinct from EOS."""
+    return with_template_and_pad(load_raw_tokenizer(Path(path)))
+
+
+def tokenizer_and_shipped_size(path: Path):
+    """(`load_tokenizer(path)`, how many tokens it had as saved)."""
+    tokenizer = load_raw_tokenizer(path)
+    shipped_size = len(tokenizer)
+    return with_template_and_pad(tokenizer), shipped_size
+
+
+def with_template_and_pad(tokenizer):
+    """`tokenizer` given our chat template if it has none (closed by its own EOS, our role markers added as
+    special tokens) and our pad token if it has none or its pad is its EOS; changed in place and returned."""
     from tokenizers import AddedToken
 
     from rlhf.tokenizer import EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS, chat_template
 
-    tokenizer = load_raw_tokenizer(Path(path))
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
     if tokenizer.chat_template is None:
@@ -146,9 +158,11 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def fit_to_tokenizer(model, tokenizer) -> None:
-    """Resize the embeddings if the tokenizer outgrew them; the model's pad and EOS become the tokenizer's."""
-    if len(tokenizer) > model.config.vocab_size:
+def fit_to_tokenizer(model, tokenizer, shipped_size: int) -> None:
+    """Resize the embeddings for the tokens `with_template_and_pad` added to a tokenizer of `shipped_size`
+    tokens; the model's pad and EOS become the tokenizer's. A tokenizer that was already too large is left
+    for `rlhf.tokenizer.check_fits_model` to refuse."""
+    if shipped_size <= model.config.vocab_size < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is not None:
@@ -170,12 +184,14 @@ def load_causal_lm(path: str | Path):
     import rlhf.model  # noqa: F401  (registers the Auto classes)
 
     path = Path(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer, shipped_size = tokenizer_and_shipped_size(path)
     if is_ours(read_json_object(path / "config.json")):
         model = AutoModelForCausalLM.from_pretrained(path)
+        if len(tokenizer) > shipped_size:  # else our own pair, as saved: check_fits_model judges it
+            fit_to_tokenizer(model, tokenizer, shipped_size)
     else:
         model = to_rlhf(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
-    fit_to_tokenizer(model, tokenizer)
+        fit_to_tokenizer(model, tokenizer, shipped_size)
     return model, tokenizer
 
 
@@ -190,9 +206,10 @@ def load_reward_model(path: str | Path):
 
     path = Path(path)
     if is_ours(read_json_object(path / "config.json")):
-        tokenizer = load_tokenizer(path)
+        tokenizer, shipped_size = tokenizer_and_shipped_size(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        fit_to_tokenizer(model, tokenizer)
+        if len(tokenizer) > shipped_size:  # else our own pair, as saved: check_fits_model judges it
+            fit_to_tokenizer(model, tokenizer, shipped_size)
         return model, tokenizer
     policy, tokenizer = load_causal_lm(path)
     config = copy.deepcopy(policy.config)
