@@ -199,6 +199,8 @@ CASES: dict[str, Case] = {
                                       data=("stages.sft.init", "made_up", model_config(architectures=["MadeUpForCausalLM"], model_type="made_up"))),  # fmt: skip
     "init-tokenizer-larger-than-model": Case(("{yaml}: stages.sft: init: {data}: the tokenizer has 300 tokens but the model's vocabulary is 200",),
                                              data=("stages.sft.init", "small", lambda path: write_checkpoint(path, vocab_size=200))),  # fmt: skip
+    "init-another-stage": Case(("{yaml}", "stages.sft", "init: 'ppo' is a stage this one cannot start from ('pretrain', or a model folder"),
+                               {"stages.sft.init": "ppo"}),  # fmt: skip
     "reward-init-folder-missing": Case(("{yaml}: stages.reward: init: {data}: no such directory",), data=("stages.reward.init", "no_model", None)),
     # SFT demonstrations.
     "missing-data-file": Case(("{data}: file not found",), data=(SFT, "missing.jsonl", None)),

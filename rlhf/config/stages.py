@@ -72,6 +72,16 @@ REWARD_INIT_STAGES = ("sft", "pretrain")
 """The stages whose output `RewardConfig.init` may name; any other value is a model folder."""
 
 
+def _check_init(init: str, stages: tuple[str, ...]) -> None:
+    """`init` names one of `stages` or a model folder; another stage's name is a mistake, not a folder."""
+    from rlhf.stages import STAGES  # the registry imports this module: imported here, not at the top
+
+    allowed = " or ".join(map(repr, stages))
+    _check(bool(init.strip()), f"init: give {allowed} or a model folder")
+    _check(init in stages or init not in STAGES,
+           f"init: {init!r} is a stage this one cannot start from ({allowed}, or a model folder: write ./{init} for a folder of that name)")
+
+
 @dataclass
 class SFTConfig(TrainingConfig):
     data: str = ""
@@ -98,7 +108,7 @@ class SFTConfig(TrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         _check(bool(self.data), "data: give a file")
-        _check(bool(self.init.strip()), f"init: give '{SFT_INIT_STAGES[0]}' or a model folder")
+        _check_init(self.init, SFT_INIT_STAGES)
         _check(bool(self.eval_prompts) == bool(self.judge), "eval_prompts and judge: give both or neither")
         _check(self.max_length >= 0, f"max_length: must be >= 0, got {self.max_length}")
         _check(self.max_new_tokens > 0, f"max_new_tokens: must be positive, got {self.max_new_tokens}")
@@ -125,7 +135,7 @@ class RewardConfig(TrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         _check(bool(self.data), "data: give a file")
-        _check(bool(self.init.strip()), f"init: give {' or '.join(map(repr, REWARD_INIT_STAGES))} or a model folder")
+        _check_init(self.init, REWARD_INIT_STAGES)
         _check(self.max_length >= 0 and self.eval_rows >= 0, "max_length and eval_rows: must be >= 0")
         _check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient: must be >= 0")
         _check(self.norm_prompts > 1, f"norm_prompts: must be > 1, got {self.norm_prompts}")
