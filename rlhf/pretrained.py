@@ -80,6 +80,8 @@ def check_model_folder(path: str | Path) -> None:
         check_model_dir(path, CAUSAL_LM, WHAT)  # the architecture, weights and a stage's manifest hashes
     else:
         check_architecture(path, config)
+        if not any(path.glob("*.safetensors")) and any(path.glob("pytorch_model*.bin")):
+            raise ArtifactError(f"{path}: weights only as pytorch_model.bin; re-save the model with save_pretrained (safetensors)")
         for weights in weight_files(path):
             check_safetensors(weights)
     tokenizer = load_raw_tokenizer(path)

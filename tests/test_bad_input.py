@@ -136,12 +136,14 @@ def hold_lock(run_dir: Path) -> None:
     (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
 
 
-def model_config(**config) -> Callable[[Path], None]:
-    """A model folder holding nothing but config.json with `config`."""
+def model_config(*files: str, **config) -> Callable[[Path], None]:
+    """A model folder holding nothing but config.json with `config` (and empty `files`)."""
 
     def write(path: Path) -> None:
         path.mkdir()
         (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        for name in files:
+            (path / name).write_bytes(b"")
 
     return write
 
@@ -197,6 +199,8 @@ CASES: dict[str, Case] = {
                                  data=("stages.sft.init", "bert", model_config(architectures=["BertForMaskedLM"], model_type="bert"))),  # fmt: skip
     "init-unknown-architecture": Case(("{yaml}: stages.sft: init: {data}: unknown architecture MadeUpForCausalLM (supported: GPT2LMHeadModel",),
                                       data=("stages.sft.init", "made_up", model_config(architectures=["MadeUpForCausalLM"], model_type="made_up"))),  # fmt: skip
+    "init-weights-not-safetensors": Case(("{yaml}: stages.sft: init: {data}: weights only as pytorch_model.bin",),
+                                         data=("stages.sft.init", "bin", model_config("pytorch_model.bin", architectures=["GPT2LMHeadModel"], model_type="gpt2"))),  # fmt: skip
     "init-tokenizer-larger-than-model": Case(("{yaml}: stages.sft: init: {data}: the tokenizer has 300 tokens but the model's vocabulary is 200",),
                                              data=("stages.sft.init", "small", lambda path: write_checkpoint(path, vocab_size=200))),  # fmt: skip
     "init-another-stage": Case(("{yaml}", "stages.sft", "init: 'ppo' is a stage this one cannot start from ('pretrain', or a model folder"),
