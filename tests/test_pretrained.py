@@ -67,7 +67,7 @@ def test_a_transformers_checkpoint_becomes_our_decoder_with_the_same_function(ch
 
 
 def test_init_names_a_stage_or_else_a_folder() -> None:
-    from rlhf.stages import sft, reward
+    from rlhf.stages import reward, sft
 
     assert SFTConfig(data="x").init == "pretrain"
     assert sft.upstream(SFTConfig(data="x")) == ("pretrain",) and sft.inputs(SFTConfig(data="x")) == ["x"]
@@ -76,6 +76,13 @@ def test_init_names_a_stage_or_else_a_folder() -> None:
     assert reward.upstream(RewardConfig(data="p")) == ("sft",)
     assert reward.upstream(RewardConfig(data="p", init="models/base")) == ()
     assert reward.inputs(RewardConfig(data="p", init="models/base")) == ["p", "models/base"]
+
+
+def test_the_default_init_leaves_the_fingerprint_of_runs_recorded_before_it_existed() -> None:
+    from rlhf.config import fingerprinted_config, stage_config_dict
+
+    assert "init" not in fingerprinted_config(SFTConfig(data="x")) and stage_config_dict(SFTConfig(data="x"))["init"] == "pretrain"
+    assert fingerprinted_config(SFTConfig(data="x", init="models/base"))["init"] == "models/base"
 
 
 def test_the_shipped_pipeline_without_a_folder_stops_with_one_line(capsys, tmp_path) -> None:

@@ -66,6 +66,10 @@ class PretrainConfig(TrainingConfig):
 
 
 
+OMIT_DEFAULT = "omit_default_from_fingerprint"
+"""Field metadata for a field added after runs were recorded: holding its default, it is left out of the
+manifest's config and the fingerprint (`rlhf.config.fingerprinted_config`), so those runs stay up to date."""
+
 SFT_INIT_STAGES = ("pretrain",)
 """The stages whose output `SFTConfig.init` may name; any other value is a model folder."""
 REWARD_INIT_STAGES = ("sft", "pretrain")
@@ -86,7 +90,7 @@ def _check_init(init: str, stages: tuple[str, ...]) -> None:
 class SFTConfig(TrainingConfig):
     data: str = ""
     """Demonstrations: conversational 'messages', or 'prompt' + 'completion' (strings or messages)."""
-    init: str = "pretrain"
+    init: str = field(default="pretrain", metadata={OMIT_DEFAULT: True})
     """The model fine-tuned: 'pretrain' (the pretrain stage's output), or a model folder DIR (any other
     value; write ./pretrain for a folder of that name): one of ours (`model_type` rlhf-gpt, e.g. another
     run's sft stage or `rlhf convert --from-gpt2` output) or a transformers causal-LM checkpoint
