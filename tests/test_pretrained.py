@@ -159,3 +159,18 @@ def test_sft_keeps_a_checkpoints_own_template_and_trains_on_the_last_answer(tmp_
     assert code == 0, err[-3000:]
     assert "chat template has no {% generation %} markers: loss on each conversation's last answer" in out
     assert load_tokenizer(tmp_path / "run" / "sft").chat_template == OWN_TEMPLATE
+
+
+@pytest.mark.slow
+def test_the_reward_model_starts_from_a_folder_too(tmp_path, checkpoint, capsys) -> None:
+    overrides = tiny_overrides(tmp_path, checkpoint)
+    overrides = overrides[:2] + [o for o in overrides[2:] if o.startswith("stages.reward.")]
+    code, out, err = run(capsys, PIPELINE, *overrides, f"stages.reward.init={checkpoint}", "stages.sft=false", "stages.ppo=false",
+                         "stages.report=false")  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert f"responses of the {checkpoint} policy" in out
+    reward_dir = tmp_path / "run" / "reward"
+    assert json.loads((reward_dir / "config.json").read_text())["architectures"] == ["RlhfForSequenceClassification"]
+    manifest = json.loads((reward_dir / "manifest.json").read_text())
+    assert str(checkpoint) in manifest["inputs"] and manifest["upstream"] == {}
+    assert load_tokenizer(reward_dir).vocab == load_tokenizer(checkpoint).vocab
