@@ -32,7 +32,7 @@ from rlhf.artifacts import (
     CHECKPOINTS, RunLock, aside_dir, building_dir, complete_manifest, is_complete, nonfinite_weights, now, read_manifest,
     recover_swap, sha256_file, sha256_json, swap_in, verify_outputs, write_manifest,
 )  # fmt: skip
-from rlhf.config import PipelineConfig, stage_config_dict
+from rlhf.config import PipelineConfig, fingerprinted_config, stage_config_dict
 from rlhf.distributed import is_main_process, on_main
 from rlhf.errors import ArtifactError, ConfigError, DataError, TrainingDiverged, UserError
 from rlhf.stages import STAGES, StageContext, stage_module, stage_order
@@ -73,7 +73,7 @@ def fingerprint(config: PipelineConfig, name: str, run_dir: Path) -> tuple[str, 
         manifest = complete_manifest(run_dir / parent)
         upstream[parent] = sha256_json(manifest.get("outputs")) if manifest else None
     facts = {
-        "config": stage_config_dict(config.stages[name]),
+        "config": fingerprinted_config(config.stages[name]),
         "seed": config.seed,
         "inputs": input_hashes(module.inputs(config.stages[name])),
         "upstream": upstream,

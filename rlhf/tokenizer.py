@@ -39,23 +39,36 @@ ASSISTANT_TOKEN = "<|assistant|>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOS_TOKEN, SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]  # ids 0..4
 _MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the full byte alphabet
 
-# Each message renders as '<|role|>' + content + '<|endoftext|>', with no extra whitespace.
-# The assistant content and its closing EOS sit inside {% generation %} so that they form
-# the assistant mask; the '<|assistant|>' marker itself is prompt (it is the generation prompt).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{- raise_exception('Unsupported chat role: ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + '" + EOS_TOKEN + "' -}}{%- endgeneration -%}"
-    "{%- else -%}"
-    "{{- message['content'] + '" + EOS_TOKEN + "' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TOKEN + "' -}}{%- endif -%}"
-)
+ROLE_TOKENS = [SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
+"""The role markers of our chat template (special tokens of our tokenizers)."""
+
+
+def chat_template(eos_token: str = EOS_TOKEN) -> str:
+    """Our chat template, closing each message with `eos_token` (ours, or a pretrained tokenizer's own).
+
+    Each message renders as '<|role|>' + content + eos, with no extra whitespace. The assistant
+    content and its closing eos sit inside {% generation %} so that they form the assistant mask;
+    the '<|assistant|>' marker itself is prompt (it is the generation prompt).
+    """
+    if "'" in eos_token or "\\" in eos_token:
+        raise ValueError(f"end-of-sequence token {eos_token!r}: quotes and backslashes cannot go into the chat template")
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+        "{{- raise_exception('Unsupported chat role: ' + message['role']) -}}"
+        "{%- endif -%}"
+        "{{- '<|' + message['role'] + '|>' -}}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{- message['content'] + '" + eos_token + "' -}}{%- endgeneration -%}"
+        "{%- else -%}"
+        "{{- message['content'] + '" + eos_token + "' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TOKEN + "' -}}{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = chat_template()
 
 TextsOrFiles = Iterable[str] | Iterable[os.PathLike]
 
@@ -143,7 +156,7 @@ def train_tokenizer(
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
-        extra_special_tokens=[SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN],
+        extra_special_tokens=ROLE_TOKENS,
         padding_side="right",
         clean_up_tokenization_spaces=False,
         **extra,

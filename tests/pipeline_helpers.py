@@ -267,3 +267,36 @@ def write_tiny_critic_free(folder: Path) -> Path:
 def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """A programmatic reward that tells the tiny policies' answers apart: their length in characters / 50."""
     return [len(response) / 50 for response in responses]
+
+
+def plain_tokenizer(template: str | None = None):
+    """A byte-level BPE of 300 tokens on the demo corpus, as a foreign checkpoint ships one: EOS its only
+    special token, no pad, and `template` (none by default)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf.tokenizer import EOS_TOKEN
+
+    texts = (ROOT / "data_samples" / "corpus.txt").read_text(encoding="utf-8").splitlines()[:300]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def write_checkpoint(folder: Path, template: str | None = None, vocab_size: int | None = None) -> Path:
+    """A tiny random `GPT2LMHeadModel` and `plain_tokenizer(template)` saved by save_pretrained into `folder`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = plain_tokenizer(template)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=96, n_embd=32, n_layer=1, n_head=2,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

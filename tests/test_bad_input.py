@@ -23,7 +23,7 @@ import pytest
 
 from rlhf.artifacts import read_manifest, write_manifest
 
-from pipeline_helpers import ROOT, clone, run, run_once, snapshot, write_subsets, write_yaml
+from pipeline_helpers import ROOT, clone, run, run_once, snapshot, write_checkpoint, write_subsets, write_yaml
 
 SAMPLES = ROOT / "data_samples"
 LINES = {"corpus.txt": 200, "sft.jsonl": 12, "preferences.jsonl": 12, "ppo_prompts.jsonl": 8, "eval.jsonl": 4}
@@ -136,6 +136,18 @@ def hold_lock(run_dir: Path) -> None:
     (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
 
 
+def model_config(*files: str, **config) -> Callable[[Path], None]:
+    """A model folder holding nothing but config.json with `config` (and empty `files`)."""
+
+    def write(path: Path) -> None:
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        for name in files:
+            (path / name).write_bytes(b"")
+
+    return write
+
+
 SFT, PREFS, DPO_PREFS, PROMPTS = "stages.sft.data", "stages.reward.data", "stages.dpo.data", "stages.ppo.prompts"
 GOOD_CHAT = chat(("user", "What is 1 + 2?"), ("assistant", "Sure! 1 + 2 = 3."))
 
@@ -180,6 +192,20 @@ CASES: dict[str, Case] = {
                                      args=("--only", "sft"), prepare=swap_pretrain_tokenizer),  # fmt: skip
     "max-length-beyond-context": Case(("{yaml}: stages.sft.max_length: 128 exceeds the pretrained model's context (96)",),
                                       {"stages.sft.max_length": 128}),  # fmt: skip
+    # A model folder to start from (stages.sft.init / stages.reward.init: DIR).
+    "init-folder-missing": Case(("{yaml}: stages.sft: init: {data}: no such directory; expected a model folder",),
+                                data=("stages.sft.init", "no_model", None)),  # fmt: skip
+    "init-not-a-causal-lm": Case(("{yaml}: stages.sft: init: {data}: BertForMaskedLM is not a causal language model",),
+                                 data=("stages.sft.init", "bert", model_config(architectures=["BertForMaskedLM"], model_type="bert"))),  # fmt: skip
+    "init-unknown-architecture": Case(("{yaml}: stages.sft: init: {data}: unknown architecture MadeUpForCausalLM (supported: GPT2LMHeadModel",),
+                                      data=("stages.sft.init", "made_up", model_config(architectures=["MadeUpForCausalLM"], model_type="made_up"))),  # fmt: skip
+    "init-weights-not-safetensors": Case(("{yaml}: stages.sft: init: {data}: weights only as pytorch_model.bin",),
+                                         data=("stages.sft.init", "bin", model_config("pytorch_model.bin", architectures=["GPT2LMHeadModel"], model_type="gpt2"))),  # fmt: skip
+    "init-tokenizer-larger-than-model": Case(("{yaml}: stages.sft: init: {data}: the tokenizer has 300 tokens but the model's vocabulary is 200",),
+                                             data=("stages.sft.init", "small", lambda path: write_checkpoint(path, vocab_size=200))),  # fmt: skip
+    "init-another-stage": Case(("{yaml}", "stages.sft", "init: 'ppo' is a stage this one cannot start from ('pretrain', or a model folder"),
+                               {"stages.sft.init": "ppo"}),  # fmt: skip
+    "reward-init-folder-missing": Case(("{yaml}: stages.reward: init: {data}: no such directory",), data=("stages.reward.init", "no_model", None)),
     # SFT demonstrations.
     "missing-data-file": Case(("{data}: file not found",), data=(SFT, "missing.jsonl", None)),
     "invalid-json-line": Case(("{data}: line 3: invalid JSON",), data=(SFT, "sft.jsonl", with_row_3("sft.jsonl", '{"messages": ['))),

@@ -14,7 +14,7 @@ import socket
 import pytest
 
 from rlhf.artifacts import read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
-from rlhf.config import load_pipeline, stage_config_dict
+from rlhf.config import fingerprinted_config, load_pipeline
 
 from pipeline_helpers import assert_same_weights, clone, file_hashes, hold_lock, loss_steps, manifest_bytes, run, weights
 
@@ -39,7 +39,7 @@ def test_run_writes_manifests_metrics_and_models(tiny_sft) -> None:
     for stage, manifest in manifests.items():
         assert manifest["status"] == "complete" and manifest["stage"] == stage
         assert len(manifest["fingerprint"]) == 64 and manifest["finished"] and manifest["started"]
-        assert manifest["config"] == stage_config_dict(config.stages[stage])
+        assert manifest["config"] == fingerprinted_config(config.stages[stage])
         assert manifest["seed"] == 0 and manifest["pipeline"] == tiny_sft.pipeline
         outputs = manifest["outputs"]
         assert outputs and verify_outputs(run_dir / stage, manifest) is None

@@ -47,7 +47,8 @@ from rlhf.config.base import (  # noqa: F401  (the settings every stage shares)
 from rlhf.config.dpo import DPO_LOSS_TYPES, DPOStageConfig  # noqa: F401
 from rlhf.config.rl import CriticFreeConfig, GRPOConfig, PPOConfig, ReinforcePPConfig, RLConfig, RLOOConfig  # noqa: F401
 from rlhf.config.stages import (  # noqa: F401
-    PACKINGS, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig, TokenizerConfig,
+    OMIT_DEFAULT, PACKINGS, REWARD_INIT_STAGES, SFT_INIT_STAGES, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig,
+    TokenizerConfig,
 )
 
 
@@ -274,5 +275,16 @@ def blame_override(error: ConfigError, path: Path, overrides: list[str]) -> Conf
 
 
 def stage_config_dict(stage_config: Any) -> dict:
-    """A stage config as plain data (for manifests and fingerprints)."""
+    """A stage config as plain data (the resolved config that `rlhf run --dry-run` prints)."""
     return dataclasses.asdict(stage_config)
+
+
+def fingerprinted_config(stage_config: Any) -> dict:
+    """A stage config as its manifest records it and its fingerprint hashes: `stage_config_dict` less each
+    field added after runs were recorded (metadata `OMIT_DEFAULT`) that holds its default, so that those
+    runs stay up to date and a value other than the default still changes the fingerprint."""
+    data = stage_config_dict(stage_config)
+    for spec in dataclasses.fields(stage_config):
+        if spec.metadata.get(OMIT_DEFAULT) and getattr(stage_config, spec.name) == spec.default:
+            del data[spec.name]
+    return data

@@ -66,10 +66,38 @@ class PretrainConfig(TrainingConfig):
 
 
 
+OMIT_DEFAULT = "omit_default_from_fingerprint"
+"""Field metadata for a field added after runs were recorded: holding its default, it is left out of the
+manifest's config and the fingerprint (`rlhf.config.fingerprinted_config`), so those runs stay up to date."""
+
+SFT_INIT_STAGES = ("pretrain",)
+"""The stages whose output `SFTConfig.init` may name; any other value is a model folder."""
+REWARD_INIT_STAGES = ("sft", "pretrain")
+"""The stages whose output `RewardConfig.init` may name; any other value is a model folder."""
+
+
+def _check_init(init: str, stages: tuple[str, ...]) -> None:
+    """`init` names one of `stages` or a model folder; another stage's name is a mistake, not a folder."""
+    from rlhf.stages import STAGES  # the registry imports this module: imported here, not at the top
+
+    allowed = " or ".join(map(repr, stages))
+    _check(bool(init.strip()), f"init: give {allowed} or a model folder")
+    _check(init in stages or init not in STAGES,
+           f"init: {init!r} is a stage this one cannot start from ({allowed}, or a model folder: write ./{init} for a folder of that name)")
+
+
 @dataclass
 class SFTConfig(TrainingConfig):
     data: str = ""
     """Demonstrations: conversational 'messages', or 'prompt' + 'completion' (strings or messages)."""
+    init: str = field(default="pretrain", metadata={OMIT_DEFAULT: True})
+    """The model fine-tuned: 'pretrain' (the pretrain stage's output), or a model folder DIR (any other
+    value; write ./pretrain for a folder of that name): one of ours (`model_type` rlhf-gpt, e.g. another
+    run's sft stage or `rlhf convert --from-gpt2` output) or a transformers causal-LM checkpoint
+    (`rlhf.pretrained.SUPPORTED_ARCHITECTURES`), converted to our decoder as it loads. A folder's tokenizer
+    is used, its chat template kept (ours added if it has none), a pad token distinct from EOS added if
+    missing; its files are hashed into the fingerprint, and the pipeline then needs no tokenizer or
+    pretrain stage."""
     max_length: int = 0
     """Longest tokenized example; 0 means the model's context. A longer example is an error naming its row."""
     lora: LoraSettings | None = None
@@ -84,6 +112,7 @@ class SFTConfig(TrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         _check(bool(self.data), "data: give a file")
+        _check_init(self.init, SFT_INIT_STAGES)
         _check(bool(self.eval_prompts) == bool(self.judge), "eval_prompts and judge: give both or neither")
         _check(self.max_length >= 0, f"max_length: must be >= 0, got {self.max_length}")
         _check(self.max_new_tokens > 0, f"max_new_tokens: must be positive, got {self.max_new_tokens}")
@@ -94,7 +123,8 @@ class RewardConfig(TrainingConfig):
     data: str = ""
     """Preference pairs: prompt + chosen + rejected, chosen + rejected, messages, or hh-rlhf dialogue strings."""
     init: str = "sft"
-    """Stage whose model initialises the backbone and whose policy samples the normalisation responses."""
+    """Stage ('sft' or 'pretrain') or model folder (any other value, as for `SFTConfig.init`) whose model
+    initialises the backbone and whose policy samples the normalisation responses."""
     max_length: int = 0
     """Longest tokenized prompt + response; 0 means the model's context. Longer pairs are counted and left out."""
     eval_rows: int = 0
@@ -109,7 +139,7 @@ class RewardConfig(TrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         _check(bool(self.data), "data: give a file")
-        _check(self.init in ("sft", "pretrain"), f"init: must be 'sft' or 'pretrain', got {self.init!r}")
+        _check_init(self.init, REWARD_INIT_STAGES)
         _check(self.max_length >= 0 and self.eval_rows >= 0, "max_length and eval_rows: must be >= 0")
         _check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient: must be >= 0")
         _check(self.norm_prompts > 1, f"norm_prompts: must be > 1, got {self.norm_prompts}")

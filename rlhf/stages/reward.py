@@ -1,6 +1,7 @@
 """Stage `reward`: a reward model on preference pairs, on TRL's `RewardTrainer`.
 
-The scalar-head model starts from the `init` stage's backbone (SFT by default), dropout off, and
+The scalar-head model starts from the `init` stage's backbone (SFT by default; or a model folder,
+loaded by `rlhf.pretrained`), dropout off, and
 learns a Bradley-Terry loss (minus an optional per-pair margin; optional reward centring). A
 sequence's reward is the score at its last non-pad token. After training it reports held-out
 pairwise accuracy and mean margin, then normalises: the init policy answers training prompts,
@@ -16,7 +17,7 @@ import random
 import statistics
 from typing import NamedTuple
 
-from rlhf.config import RewardConfig
+from rlhf.config import REWARD_INIT_STAGES, RewardConfig
 from rlhf.data import read_preference_split
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
@@ -25,11 +26,15 @@ DATA_PARALLEL = True  # under torchrun, each process trains on its share of ever
 
 
 def upstream(config: RewardConfig) -> tuple[str, ...]:
-    return (config.init,)
+    from rlhf.pretrained import init_folder
+
+    return () if init_folder(config.init, REWARD_INIT_STAGES) else (config.init,)
 
 
 def inputs(config: RewardConfig) -> list[str]:
-    return [config.data]
+    from rlhf.pretrained import init_folder
+
+    return [config.data] + ([config.init] if init_folder(config.init, REWARD_INIT_STAGES) else [])
 
 
 def split_rows(rows: list, config: RewardConfig) -> tuple[list, list]:
@@ -46,7 +51,11 @@ class RewardInputs(NamedTuple):
 
 
 def read_inputs(config: RewardConfig) -> RewardInputs:
-    """The checked training and held-out pairs. The split comes before conversion, so the held-out rows are fixed."""
+    """The checked training and held-out pairs (and the model folder of a folder `init`). The split comes
+    before conversion, so the held-out rows are fixed."""
+    from rlhf.pretrained import check_init
+
+    check_init(config.init, REWARD_INIT_STAGES)
     return RewardInputs(*read_preference_split(config.data, config.eval_rows, config.eval_fraction))
 
 
@@ -70,13 +79,12 @@ def pair_accuracy(scorer, pairs: list[dict]) -> tuple[float, float]:
 def run(ctx: StageContext) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.distributed import is_main_process
     from rlhf.model import normalise_score_head, set_dropout
+    from rlhf.pretrained import init_folder, load_causal_lm, load_reward_model
     from rlhf.responses import sample_responses
     from rlhf.scoring import RewardScorer
     from rlhf.tokenizer import check_fits_model
@@ -89,11 +97,11 @@ def run(ctx: StageContext) -> dict:
     if skipped:
         print(f"reward: skipped {skipped} hh-rlhf pairs whose final answer is empty")
 
-    # 2. Load the init backbone; count pairs the context cannot hold (the trainer leaves them out).
-    init_dir = ctx.upstream(config.init)
-    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    # 2. Load the init backbone (a stage's, or a model folder's); count pairs the context cannot hold (the
+    #    trainer leaves them out).
+    init_dir = init_folder(config.init, REWARD_INIT_STAGES) or ctx.upstream(config.init)
     torch.manual_seed(ctx.seed)  # the new score head's initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(init_dir, num_labels=1)
+    model, tokenizer = load_reward_model(init_dir)
     check_fits_model(tokenizer, model.config, init_dir)
     set_dropout(model, 0.0)
     max_length = config.max_length or model.config.n_positions
@@ -130,7 +138,7 @@ def run(ctx: StageContext) -> dict:
     if len(prompts) >= 2:
         random.Random(ctx.seed).shuffle(prompts)
         prompts = prompts[: config.norm_prompts]
-        policy = AutoModelForCausalLM.from_pretrained(init_dir).to(scorer.device)
+        policy = load_causal_lm(init_dir)[0].to(scorer.device)
         responses = sample_responses(policy, tokenizer, prompts, config.norm_max_new_tokens, temperature=1.0, seed=ctx.seed)
         raw = scorer.score(prompts, responses, normalised=False)
         source = f"{len(prompts)} responses of the {config.init} policy"

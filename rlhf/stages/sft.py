@@ -1,5 +1,8 @@
 """Stage `sft`: supervised fine-tuning of the pretrained model on demonstrations, on TRL's `SFTTrainer`.
 
+The model is the pretrain stage's output, or a model folder (`init: DIR`, loaded by `rlhf.pretrained`:
+one of ours, or a transformers checkpoint converted to our decoder), so a pipeline may begin here.
+
 Loss on the completion only: assistant turns for conversational `messages` data (TRL's
 `assistant_only_loss`, driven by the chat template's generation markers), the completion for
 `prompt`/`completion` data. With `lora`, PEFT adapters are trained and merged into the saved
@@ -13,7 +16,7 @@ import math
 
 from typing import Any, Callable, NamedTuple
 
-from rlhf.config import SFTConfig
+from rlhf.config import SFT_INIT_STAGES, SFTConfig
 from rlhf.data import check_sft_rows, read_rows, split_tail
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
@@ -21,12 +24,17 @@ from rlhf.stages import StageContext
 DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch; the main one judges
 
 
-def upstream(config) -> tuple[str, ...]:
-    return ("pretrain",)
+def upstream(config: SFTConfig) -> tuple[str, ...]:
+    from rlhf.pretrained import init_folder
+
+    return () if init_folder(config.init, SFT_INIT_STAGES) else (config.init,)
 
 
 def inputs(config: SFTConfig) -> list[str]:
-    return [config.data] + ([config.eval_prompts] if config.eval_prompts else [])
+    from rlhf.pretrained import init_folder
+
+    base = [config.init] if init_folder(config.init, SFT_INIT_STAGES) else []
+    return [config.data] + ([config.eval_prompts] if config.eval_prompts else []) + base
 
 
 class SFTInputs(NamedTuple):
@@ -38,9 +46,12 @@ class SFTInputs(NamedTuple):
 
 
 def read_inputs(config: SFTConfig) -> SFTInputs:
-    """The checked demonstrations, and the judge with its held-out prompts if configured."""
+    """The checked demonstrations, and the judge with its held-out prompts if configured (and the model
+    folder of a folder `init`)."""
+    from rlhf.pretrained import check_init
     from rlhf.responses import read_judge
 
+    check_init(config.init, SFT_INIT_STAGES)
     rows = read_rows(config.data)
     data_format = check_sft_rows(config.data, rows)
     judge, judge_prompts = read_judge(config.eval_prompts, config.judge)
@@ -64,6 +75,12 @@ def rendered_lengths(tokenizer, rows: list[dict], data_format: str) -> list[int]
     return lengths
 
 
+def last_turn_completions(rows: list[dict]) -> list[dict]:
+    """`messages` rows as prompt/completion rows, the last assistant turn the completion: for a chat template
+    without {% generation %} markers, where TRL cannot mask the loss to every assistant turn."""
+    return [{"prompt": row["messages"][:-1], "completion": row["messages"][-1:]} for row in rows]
+
+
 def check_lengths(path: str, lengths: list[int], max_length: int) -> None:
     """Refuse examples longer than `max_length`: truncating one would cut its answer and closing EOS."""
     too_long = [number for number, length in enumerate(lengths, start=1) if length > max_length]
@@ -76,13 +93,13 @@ def check_lengths(path: str, lengths: list[int], max_length: int) -> None:
 
 
 def run(ctx: StageContext) -> dict:
+    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.distributed import is_main_process
+    from rlhf.pretrained import has_generation_markers, init_folder, load_causal_lm
     from rlhf.responses import judge_policy
     from rlhf.tokenizer import check_fits_model
     from rlhf.training import peft_config, save_and_judge, train, trainer_arguments
@@ -93,11 +110,16 @@ def run(ctx: StageContext) -> dict:
     rows, data_format, judge, judge_prompts = read_inputs(config)
     train_rows, eval_rows = split_tail(rows, config.eval_fraction)
 
-    # 2. Load the pretrained model and tokenizer; refuse examples the context cannot hold.
-    pretrained = ctx.upstream("pretrain")
-    tokenizer = AutoTokenizer.from_pretrained(pretrained)
-    model = AutoModelForCausalLM.from_pretrained(pretrained)
+    # 2. Load the pretrained model and tokenizer (the init stage's, or a model folder's, converted to our
+    #    decoder); refuse examples the context cannot hold.
+    pretrained = init_folder(config.init, SFT_INIT_STAGES) or ctx.upstream(config.init)
+    torch.manual_seed(ctx.seed)  # the embeddings of tokens added to a folder's tokenizer
+    model, tokenizer = load_causal_lm(pretrained)
     check_fits_model(tokenizer, model.config, pretrained)
+    if data_format == "messages" and not has_generation_markers(tokenizer):
+        print(f"sft: {pretrained}'s chat template has no {{% generation %}} markers: loss on each conversation's last answer")
+        rows, data_format = last_turn_completions(rows), "prompt_completion"
+        train_rows, eval_rows = split_tail(rows, config.eval_fraction)
     max_length = config.max_length or model.config.n_positions
     if max_length > model.config.n_positions:
         raise ctx.setting_error("max_length", f"{max_length} exceeds the pretrained model's context ({model.config.n_positions})")
