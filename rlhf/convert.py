@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from rlhf.model import SUPPORTED_ACTIVATIONS, RlhfConfig, RlhfForCausalLM
 
@@ -121,7 +122,9 @@ def hf_to_rlhf(model: PreTrainedModel) -> RlhfForCausalLM:
         return gpt2_to_rlhf(model)
     if architecture not in LLAMA_FAMILY:
         raise ValueError(f"architecture {architecture} is not supported (supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)})")
-    ours = RlhfForCausalLM(_llama_config(model.config, architecture))
+    with no_init_weights():  # every weight is loaded next: skip the random init (minutes at 7B)
+        ours = RlhfForCausalLM(_llama_config(model.config, architecture))
+    ours.tie_weights()  # tying is part of the init skipped above
     ours.load_state_dict(_rename(model.state_dict(), to_hf=False), strict=True)
     return ours.to(model.dtype)
 
@@ -151,7 +154,9 @@ def rlhf_to_hf(model: RlhfForCausalLM) -> PreTrainedModel:
         initializer_range=c.initializer_range, tie_word_embeddings=c.tie_word_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, **extra,
     )  # fmt: skip
-    hf = model_class(config)
+    with no_init_weights():
+        hf = model_class(config)
+    hf.tie_weights()
     hf.load_state_dict(_rename(model.state_dict(), to_hf=True), strict=True)
     return hf.to(model.dtype)
 
