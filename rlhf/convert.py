@@ -100,7 +100,7 @@ def _llama_config(hf, architecture: str) -> RlhfConfig:
     window = getattr(hf, "sliding_window", None)
     sliding = "sliding_attention" in (getattr(hf, "layer_types", None) or [])
     if sliding or (architecture == "MistralForCausalLM" and window is not None and window < hf.max_position_embeddings):
-        raise ValueError(f"{architecture}: sliding-window attention (window {window}) is not supported")
+        raise ValueError(f"{architecture}: sliding-window attention (window {window} of a {hf.max_position_embeddings}-token context) is not supported")
     if architecture == "LlamaForCausalLM" and hf.attention_bias:
         raise ValueError(f"{architecture}: attention_bias (a bias on o_proj too) is not supported")
     return RlhfConfig(
@@ -186,6 +186,9 @@ def convert_directory(src: str | Path, out: str | Path, to_gpt2: bool | None = N
         wanted = ("RlhfForCausalLM",) if to_hf else SUPPORTED_HF_ARCHITECTURES
         if not any(name in wanted for name in found):
             raise ValueError(f"architecture {', '.join(found) or 'unknown'} is not supported (expected {', '.join(wanted)})")
+        architecture = next(name for name in found if name in wanted)
+        if architecture in LLAMA_FAMILY:
+            _llama_config(config, architecture)  # an unsupported variant is refused before its weights load
         source_dtype = getattr(config, "dtype", None) or torch.float32
         source_dtype = getattr(torch, source_dtype) if isinstance(source_dtype, str) else source_dtype
         source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

@@ -172,7 +172,7 @@ def test_exactness_check_is_sensitive() -> None:
         ("LlamaForCausalLM", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "rope scaling type 'linear'"),
         ("LlamaForCausalLM", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
         ("LlamaForCausalLM", dict(attention_bias=True), "attention_bias"),
-        ("MistralForCausalLM", dict(sliding_window=16), "sliding-window attention (window 16)"),
+        ("MistralForCausalLM", dict(sliding_window=16), "sliding-window attention (window 16 of a 64-token context)"),
         ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=16, max_window_layers=0), "sliding-window"),
     ],
 )
@@ -247,10 +247,14 @@ def test_cli_convert_hf_errors_and_success(qwen2_dir: Path, tmp_path: Path, caps
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text('{"architectures": ["BertForMaskedLM"], "model_type": "bert"}')
+    scaled = tmp_path / "scaled"
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    hf_model("LlamaForCausalLM", *SHAPES["w48h3kv1"], rope_parameters=rope).save_pretrained(scaled)
     cases = [
         ["convert", "--from-hf", str(tmp_path / "absent"), "--out", str(tmp_path / "o1")],
         ["convert", "--from-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")],
         ["convert", "--from-hf", str(bert), "--out", str(tmp_path / "o3")],
+        ["convert", "--from-hf", str(scaled), "--out", str(tmp_path / "o6")],  # read, then refused
         ["convert", "--to-hf", str(qwen2_dir), "--out", str(tmp_path / "o4")],
         ["convert", "--to-gpt2", str(qwen2_dir), "--out", str(tmp_path / "o5")],
     ]
@@ -263,3 +267,6 @@ def test_cli_convert_hf_errors_and_success(qwen2_dir: Path, tmp_path: Path, caps
     assert main(["convert", "--from-hf", str(qwen2_dir), "--out", str(tmp_path / "ours")]) == 0
     assert main(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "chat_template.jinja").is_file()
+    capsys.readouterr()
+    assert main(["convert", "--to-gpt2", str(tmp_path / "ours"), "--out", str(tmp_path / "o7")]) == 2
+    assert "has no GPT-2 equivalent (convert it with --to-hf)" in capsys.readouterr().err
