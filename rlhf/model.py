@@ -95,7 +95,7 @@ class RlhfConfig(PretrainedConfig):
             raise ValueError("n_kv_head, head_dim, attention_bias and mlp_bias are llama-layout settings")
         if n_head % n_kv_head:
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
-        if head_dim % 2:
+        if layout == "llama" and head_dim % 2:
             raise ValueError(f"head_dim ({head_dim}) must be even (rotary positions rotate pairs)")
         self.layout = layout
         # llama layout only: key/value heads (grouped-query attention; n_head = multi-head), the width of

@@ -123,7 +123,7 @@ def test_rlhf_to_hf_is_exact(architecture, shape) -> None:
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("width,heads,vocab", [(48, 3, 67), (96, 6, 101)])
+@pytest.mark.parametrize("width,heads,vocab", [(48, 3, 67), (96, 6, 101), (45, 3, 70)])  # head width 15: odd
 def test_gpt2_through_the_generic_functions(width, heads, vocab, tied) -> None:
     hf = hf_model("GPT2LMHeadModel", width, heads, heads, None, vocab, 2, None, tied)
     ours = hf_to_rlhf(hf).eval()
@@ -150,6 +150,14 @@ def test_any_small_shape_converts_exactly(architecture, kv, group, head_width, v
     hf = hf_model(architecture, heads * head_width, heads, kv, None, vocab, 1, inner, tied, seed=vocab)
     ours = hf_to_rlhf(hf).eval()
     assert max_logit_diff(ours, hf) <= 1e-4
+    assert max_logit_diff(ours, rlhf_to_hf(ours).eval()) <= 1e-4
+
+
+def test_llama_mlp_bias_converts_both_ways() -> None:
+    hf = hf_model("LlamaForCausalLM", *SHAPES["w48h3kv1"], mlp_bias=True)
+    ours = hf_to_rlhf(hf).eval()
+    assert ours.config.mlp_bias and ours.transformer.h[0].mlp.up_proj.bias is not None
+    assert_exact(ours, hf)
     assert max_logit_diff(ours, rlhf_to_hf(ours).eval()) <= 1e-4
 
 
