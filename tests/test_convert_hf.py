@@ -241,6 +241,17 @@ def test_convert_directory_from_and_to_hf(qwen2_dir: Path, tmp_path: Path) -> No
         assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<user>hi"
 
 
+@pytest.mark.parametrize("architecture", ["GPT2LMHeadModel", "MistralForCausalLM"])
+def test_convert_directory_each_family_round_trips(architecture, tmp_path: Path) -> None:
+    original = hf_model(architecture, 48, 3, 1, None, 67, 1, 40, False)
+    original.save_pretrained(tmp_path / "src")
+    convert_directory(tmp_path / "src", tmp_path / "ours", to_hf=False)
+    convert_directory(tmp_path / "ours", tmp_path / "back", to_hf=True)
+    back = getattr(transformers, architecture).from_pretrained(tmp_path / "back")
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
 def test_convert_directory_refuses_other_architectures(qwen2_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Qwen2ForCausalLM is not supported"):
         convert_directory(qwen2_dir, tmp_path / "out", to_hf=True)  # --to-hf wants one of ours
