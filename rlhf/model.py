@@ -85,7 +85,7 @@ class RlhfConfig(PretrainedConfig):
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        if n_embd % n_head:
+        if n_embd % n_head and not (layout == "llama" and head_dim):  # a llama-layout head may have its own width
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         if activation_function not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"activation_function must be one of {SUPPORTED_ACTIVATIONS}, got {activation_function!r}")

@@ -153,6 +153,15 @@ def test_any_small_shape_converts_exactly(architecture, kv, group, head_width, v
     assert max_logit_diff(ours, rlhf_to_hf(ours).eval()) <= 1e-4
 
 
+def test_mistral_head_width_independent_of_the_width() -> None:
+    """Mistral (unlike Llama) lets head_dim * heads differ from a width heads do not divide."""
+    hf = hf_model("MistralForCausalLM", 40, 3, 1, 16, 67, 2, 30, False)
+    ours = hf_to_rlhf(hf).eval()
+    assert (ours.config.head_dim, ours.transformer.h[0].attn.q_proj.weight.shape) == (16, (48, 40))
+    assert_exact(ours, hf)
+    assert max_logit_diff(ours, rlhf_to_hf(ours).eval()) <= 1e-4
+
+
 def test_llama_mlp_bias_converts_both_ways() -> None:
     hf = hf_model("LlamaForCausalLM", *SHAPES["w48h3kv1"], mlp_bias=True)
     ours = hf_to_rlhf(hf).eval()
