@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "write nothing (exit 2 if the run would stop)")  # fmt: skip
     run.set_defaults(handler=commands.cmd_run)
 
-    convert = subparsers.add_parser("convert", help="convert a model to or from transformers' GPT-2")
+    convert = subparsers.add_parser("convert", help="convert a model to or from transformers (GPT-2, Llama, Qwen2, Mistral)")
     direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="SRC", help="transformers GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM "
+                           "or MistralForCausalLM directory (sharded and bf16 alike) to convert to ours")
+    direction.add_argument("--to-hf", metavar="SRC", help="our model directory to convert to the matching transformers class")
     direction.add_argument("--from-gpt2", metavar="SRC", help="GPT2LMHeadModel directory to convert to ours")
     direction.add_argument("--to-gpt2", metavar="SRC", help="our model directory to convert to GPT2LMHeadModel")
     convert.add_argument("--out", required=True, metavar="DST", help="output directory (save_pretrained layout)")

@@ -33,21 +33,31 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from rlhf.artifacts import CAUSAL_LM, GPT2, check_model_dir
+    from rlhf.artifacts import CAUSAL_LM, GPT2, check_model_dir, read_json_object
     from rlhf.errors import UserError
 
-    to_gpt2 = args.to_gpt2 is not None
-    source = Path(args.to_gpt2 if to_gpt2 else args.from_gpt2)
-    if to_gpt2:
+    source = Path(args.to_gpt2 or args.from_gpt2 or args.to_hf or args.from_hf)
+    to_ours = args.from_gpt2 is not None or args.from_hf is not None
+    if not to_ours:
         check_model_dir(source, CAUSAL_LM, "one of our causal LMs (e.g. runs/demo/sft)")
-    else:
+    elif args.from_gpt2 is not None:
         check_model_dir(source, GPT2, "a transformers GPT-2 model")
+    else:
+        from rlhf.convert import SUPPORTED_HF_ARCHITECTURES
+
+        # The supported class the folder names, else all of them (then the check refuses it, naming both).
+        named = read_json_object(source / "config.json").get("architectures") if (source / "config.json").is_file() else None
+        found = [name for name in named or [] if name in SUPPORTED_HF_ARCHITECTURES] if isinstance(named, list) else []
+        check_model_dir(source, found[0] if found else ", ".join(SUPPORTED_HF_ARCHITECTURES), "a transformers causal LM")
     _check_out(args.out, directory=True)
     import rlhf.model  # noqa: F401
     from rlhf.convert import convert_directory
 
     try:
-        convert_directory(source, args.out, to_gpt2=to_gpt2)
+        if args.from_hf is not None or args.to_hf is not None:
+            convert_directory(source, args.out, to_hf=args.to_hf is not None)
+        else:
+            convert_directory(source, args.out, to_gpt2=args.to_gpt2 is not None)
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
     print(f"wrote {args.out}")

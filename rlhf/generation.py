@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 
 class StaticKVCache:
-    """Keys and values of every layer in tensors allocated once: (B, nh, P + N, hs) each.
+    """Keys and values of every layer in tensors allocated once: (B, nkv, P + N, hs) each.
+
+    nkv and hs are those of the keys the first update brings (the config's n_kv_head and head_dim:
+    with grouped-query attention the cache holds the shared key/value heads only).
 
     Implements the two methods our attention calls (`update`, `get_seq_length`), the same ones as
     transformers' `Cache`, so the model needs no special path for it.
@@ -32,11 +35,11 @@ class StaticKVCache:
         return self.length
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write k, v (B, nh, T, hs) after the cached tokens; return all keys/values (B, nh, S, hs)."""
+        """Write k, v (B, nkv, T, hs) after the cached tokens; return all keys/values (B, nkv, S, hs)."""
         if len(self.keys) <= layer_idx:  # first call: allocate, in the dtype autocast gives k
-            B, nh, _, hs = k.shape
-            self.keys.append(k.new_zeros(B, nh, self.max_length, hs))
-            self.values.append(v.new_zeros(B, nh, self.max_length, hs))
+            B, nkv, _, hs = k.shape
+            self.keys.append(k.new_zeros(B, nkv, self.max_length, hs))
+            self.values.append(v.new_zeros(B, nkv, self.max_length, hs))
         end = self.length + k.shape[2]
         self.keys[layer_idx][:, :, self.length : end] = k
         self.values[layer_idx][:, :, self.length : end] = v

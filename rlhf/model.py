@@ -1,17 +1,22 @@
-"""The in-house decoder: a GPT-2-layout transformer, written here, read top to bottom.
+"""The in-house decoder, read top to bottom: config, backbone, the two heads. Layers: `rlhf.layers`.
 
-Token and learned position embeddings -> N pre-LayerNorm blocks (causal multi-head self-attention
-through `scaled_dot_product_attention`, then a GELU MLP, each with a residual) -> final LayerNorm ->
-LM head tied to the token embedding. Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn`,
-...) so `rlhf.convert` maps weights one to one; GPT-2's `Conv1D` stores weights transposed, ours are
-plain `nn.Linear`.
+Two layouts (`RlhfConfig.layout`):
+- gpt2: token + learned position embeddings -> N pre-LayerNorm blocks (multi-head attention, GELU
+  MLP) -> final LayerNorm -> LM head (tied to the token embedding by default). Parameter names
+  follow GPT-2 (`transformer.h.0.attn.c_attn`, ...); GPT-2's `Conv1D` stores weights transposed,
+  ours are plain `nn.Linear`.
+- llama: token embeddings -> N pre-RMSNorm blocks (grouped-query attention with rotary positions,
+  SwiGLU MLP) -> final RMSNorm -> LM head (untied by default in Llama checkpoints, tied allowed).
+  Names: `transformer.h.0.attn.q_proj`, `mlp.gate_proj`, `ln_1`/`ln_2`/`ln_f` as RMSNorm; no
+  biases except Qwen2's q/k/v (`attention_bias`).
+Either way positions come from the attention mask, so left or right padding changes nothing.
 
-Two heads share the backbone: `RlhfForCausalLM` (language model, tied LM head) and
+Two heads share the backbone: `RlhfForCausalLM` (language model) and
 `RlhfForSequenceClassification` (a `score` head giving one value per token; the reward model and
 PPO's value model). Both are `PreTrainedModel`s registered with the Auto classes on `import rlhf`.
 
 Shapes in comments: B batch, T query length, S key length (cache + new tokens), C = n_embd,
-nh = n_head, hs = C // nh, V = vocab size.
+nh = n_head, hs = head dim, V = vocab size.
 """
 
 from __future__ import annotations
@@ -24,16 +29,27 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
-# GPT-2 config names for the tanh-approximated GELU (same function, fused kernel here).
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-SUPPORTED_ACTIVATIONS = TANH_GELUS + ("gelu",)
+from rlhf.layers import (  # noqa: F401  (Block, the masks and SUPPORTED_ACTIVATIONS are imported from here too)
+    MLP,
+    SUPPORTED_ACTIVATIONS,
+    Block,
+    CausalSelfAttention,
+    RMSNorm,
+    attention_mask_4d,
+    norm,
+    position_ids_from_mask,
+    rotary_cos_sin,
+)
+
+LAYOUTS = ("gpt2", "llama")
+"""`RlhfConfig.layout` values: GPT-2's decoder, or the Llama family's (Llama, Qwen2, Mistral)."""
 
 
 class RlhfConfig(PretrainedConfig):
-    """Shape and regularisation of the decoder. Field names are GPT-2's."""
+    """Shape and regularisation of the decoder. Shared fields keep GPT-2's names (n_embd, n_layer,
+    n_head, n_positions, n_inner); configs saved before `layout` existed load as gpt2."""
 
     model_type = "rlhf-gpt"
 
@@ -57,12 +73,36 @@ class RlhfConfig(PretrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        layout: str = "gpt2",
+        n_kv_head: int | None = None,
+        head_dim: int | None = None,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        attention_bias: bool = False,
+        mlp_bias: bool = False,
+        hf_architecture: str | None = None,
         **kwargs,
     ):
-        if n_embd % n_head:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if n_embd % n_head and not (layout == "llama" and head_dim):  # a llama-layout head may have its own width
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         if activation_function not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"activation_function must be one of {SUPPORTED_ACTIVATIONS}, got {activation_function!r}")
+        n_kv_head = n_kv_head or n_head
+        head_dim = head_dim or n_embd // n_head
+        if layout == "gpt2" and (n_kv_head != n_head or head_dim != n_embd // n_head or attention_bias or mlp_bias):
+            raise ValueError("n_kv_head, head_dim, attention_bias and mlp_bias are llama-layout settings")
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        if layout == "llama" and head_dim % 2:
+            raise ValueError(f"head_dim ({head_dim}) must be even (rotary positions rotate pairs)")
+        self.layout = layout
+        # llama layout only: key/value heads (grouped-query attention; n_head = multi-head), the width of
+        # a head (n_embd // n_head unless a checkpoint says otherwise), the RoPE base, the RMSNorm
+        # epsilon, Qwen2's q/k/v biases, MLP biases, and the transformers class it came from or goes to.
+        self.n_kv_head, self.head_dim, self.rope_theta, self.rms_norm_eps = n_kv_head, head_dim, rope_theta, rms_norm_eps
+        self.attention_bias, self.mlp_bias, self.hf_architecture = attention_bias, mlp_bias, hf_architecture
         self.vocab_size = vocab_size
         self.n_positions = n_positions
         self.n_embd = n_embd
@@ -102,72 +142,9 @@ class RlhfConfig(PretrainedConfig):
     def max_position_embeddings(self) -> int:
         return self.n_positions
 
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: RlhfConfig, layer_idx: int):
-        super().__init__()
-        self.n_head, self.layer_idx = config.n_head, layer_idx
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
-        dropout_p = self.attn_dropout.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: RlhfConfig):
-        super().__init__()
-        inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
-        self.c_proj = nn.Linear(inner, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-        self.approximate = "tanh" if config.activation_function in TANH_GELUS else "none"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
-
-
-class Block(GradientCheckpointingLayer):
-    def __init__(self, config: RlhfConfig, layer_idx: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-def attention_mask_4d(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
-    """Boolean SDPA mask (B, 1, T, S) from a 2-D padding mask (B, S) over cache + new tokens.
-
-    Query i (absolute position S - T + i) sees the non-pad keys at or before it. Each query also
-    sees itself, so that pad queries (whose outputs are ignored) get no all-masked row, whose
-    softmax would be NaN.
-    """
-    S = attention_mask.shape[1]
-    q_pos = torch.arange(S - query_length, S, device=attention_mask.device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
-    causal = k_pos <= q_pos  # (T, S)
-    return (attention_mask.bool()[:, None, None, :] & causal) | (k_pos == q_pos)  # (B, 1, T, S)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
-    """Positions (B, T) that count only real tokens, so left or right padding changes nothing."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
-    return positions[:, -query_length:]
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.n_kv_head
 
 
 class RlhfPreTrainedModel(PreTrainedModel):
@@ -189,20 +166,23 @@ class RlhfPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
         if isinstance(module, (CausalSelfAttention, MLP)):  # GPT-2's scaled init of residual projections
             init.normal_(module.c_proj.weight, mean=0.0, std=std / (2 * self.config.n_layer) ** 0.5)
 
 
 class RlhfModel(RlhfPreTrainedModel):
-    """The backbone: embeddings, blocks, final LayerNorm."""
+    """The backbone: embeddings (learned positions in the gpt2 layout), blocks, final norm."""
 
     def __init__(self, config: RlhfConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        if config.layout == "gpt2":  # the llama layout rotates q and k instead
+            self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -237,9 +217,15 @@ class RlhfModel(RlhfPreTrainedModel):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
             mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        x = self.wte(input_ids)  # (B, T, C)
+        rope = None
+        if self.config.layout == "gpt2":
+            x = x + self.wpe(position_ids)
+        else:
+            rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, 1, T, hs)
+        x = self.drop(x)
         for block in self.h:
-            x = block(x, mask, cache=cache)  # by keyword: checkpointing drops a cache passed so
+            x = block(x, mask, cache=cache, rope=rope)  # by keyword: checkpointing drops a cache passed so
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), cache=cache)
 
 

@@ -301,3 +301,23 @@ def test_top_k_one_samples_argmax() -> None:
     _, tokens, logprobs = _frequencies(1.0, top_k=1, n=500)
     assert (tokens == 0).all()
     torch.testing.assert_close(logprobs, torch.full((500,), math.log(0.5)))
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 3])
+def test_llama_layout_greedy_matches_uncached_decoding(n_kv_head, monkeypatch) -> None:
+    """Rotary positions and grouped-query attention through the cache: it holds n_kv_head heads."""
+    torch.manual_seed(0)
+    config = make_config(layout="llama", n_embd=48, n_head=6, n_kv_head=n_kv_head, n_inner=40)
+    model = randomize_(RlhfForCausalLM(config)).eval()
+    prompts = left_pad(PROMPTS, PAD)
+    seen = {}
+    real_update = StaticKVCache.update
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        seen["kv_shape"] = tuple(k.shape)
+        return real_update(self, k, v, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(StaticKVCache, "update", update)
+    greedy = generate(model, *prompts, max_new_tokens=N, eos_token_id=NEVER, pad_token_id=PAD, temperature=0.0)
+    assert seen["kv_shape"] == (len(PROMPTS), n_kv_head, 1, 8)
+    assert greedy.responses.tolist() == [_uncached_greedy(model, p, N, NEVER) for p in PROMPTS]

@@ -11,8 +11,14 @@ MAX_FLOAT = 1e6
 """Largest magnitude any real-valued setting takes (rates, coefficients, penalties, epochs)."""
 MAX_VOCAB = 1_000_000
 """Largest BPE vocabulary: far beyond any corpus this trains on (a typo such as 10**12 aborts the tokenizer trainer)."""
-LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
-"""The Linear layers of `rlhf.model` that LoRA adapters can wrap."""
+LORA_TARGETS_BY_LAYOUT = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+"""The Linear layers of `rlhf.model` in each layout (`rlhf.model.LAYOUTS`, tied to it by a test)."""
+LORA_TARGETS = tuple(name for names in LORA_TARGETS_BY_LAYOUT.values() for name in names)
+"""Every layer name LoRA adapters can wrap, either layout. A model has only its own layout's names, so
+naming all of them (the default) wraps exactly the layout's layers."""
 
 
 LR_SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
@@ -133,14 +139,16 @@ class LoraSettings:
     dropout: float = 0.0
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """Linear layers that get adapters."""
+    """Linear layers that get adapters; by default all of the model's (gpt2: c_attn, c_proj, c_fc; llama:
+    q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). A name of the other layout matches nothing."""
 
     def __post_init__(self):
         _check(self.r > 0, f"r: must be positive, got {self.r}")
         _check(self.alpha > 0, f"alpha: must be positive, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) > 0, "target_modules: name at least one layer")
+        gpt2, llama = (", ".join(LORA_TARGETS_BY_LAYOUT[layout]) for layout in ("gpt2", "llama"))
         for name in self.target_modules:
-            _check(name in LORA_TARGETS, f"target_modules: {name!r} matches no layer (the model has {', '.join(LORA_TARGETS)})")
+            _check(name in LORA_TARGETS, f"target_modules: {name!r} matches no layer (the model has {gpt2}); a llama-layout model has {llama}")
 
 
