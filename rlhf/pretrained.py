@@ -28,13 +28,9 @@ from rlhf.errors import ArtifactError, ConfigError
 RLHF_MODEL_TYPE = "rlhf-gpt"
 """`model_type` of our own model folders (`rlhf.model.RlhfConfig.model_type`; not imported: that imports torch)."""
 
-HF_CONVERTERS = {"GPT2LMHeadModel": "gpt2_to_rlhf"}
-"""transformers architecture -> the `rlhf.convert` function that turns such a model into ours.
-(Until `rlhf.convert.hf_to_rlhf` lands: then `SUPPORTED_ARCHITECTURES` is `rlhf.convert.SUPPORTED_HF_ARCHITECTURES`
-and `to_rlhf` calls `hf_to_rlhf`.)"""
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(HF_CONVERTERS)
-"""The transformers causal-LM architectures a model folder may hold."""
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+"""The transformers causal-LM architectures a model folder may hold (`rlhf.convert.SUPPORTED_HF_ARCHITECTURES`,
+which imports torch; a test keeps the two equal)."""
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 """How transformers names its causal-LM classes."""
@@ -173,9 +169,9 @@ def fit_to_tokenizer(model, tokenizer, shipped_size: int) -> None:
 
 def to_rlhf(model):
     """Our decoder with the weights and function of transformers' causal LM `model`."""
-    import rlhf.convert
+    from rlhf.convert import hf_to_rlhf
 
-    return getattr(rlhf.convert, HF_CONVERTERS[type(model).__name__])(model)
+    return hf_to_rlhf(model)
 
 
 def load_causal_lm(path: str | Path):

@@ -288,15 +288,24 @@ def plain_tokenizer(template: str | None = None):
     return tokenizer
 
 
-def write_checkpoint(folder: Path, template: str | None = None, vocab_size: int | None = None) -> Path:
-    """A tiny random `GPT2LMHeadModel` and `plain_tokenizer(template)` saved by save_pretrained into `folder`."""
+def write_checkpoint(folder: Path, template: str | None = None, vocab_size: int | None = None, family: str = "gpt2") -> Path:
+    """A tiny random transformers causal LM (`GPT2LMHeadModel`, or `LlamaForCausalLM` with grouped-query
+    attention and an untied head for family "llama") and `plain_tokenizer(template)`, saved by
+    save_pretrained into `folder`."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = plain_tokenizer(template)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=96, n_embd=32, n_layer=1, n_head=2,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    vocab, eos = vocab_size or len(tokenizer), tokenizer.eos_token_id
+    if family == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=96, tie_word_embeddings=False,
+                             eos_token_id=eos, bos_token_id=eos)  # fmt: skip
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return folder
+    config = GPT2Config(vocab_size=vocab, n_positions=96, n_embd=32, n_layer=1, n_head=2, eos_token_id=eos, bos_token_id=eos)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

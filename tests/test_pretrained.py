@@ -114,10 +114,11 @@ def tiny_overrides(folder: Path, base: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_from_pretrained_runs_sft_reward_ppo_report_and_compare_reads_it(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_from_pretrained_runs_sft_reward_ppo_report_and_compare_reads_it(tmp_path, capsys, family) -> None:
     from rlhf.cli import main
 
-    base = write_checkpoint(tmp_path / "base")
+    base = write_checkpoint(tmp_path / "base", family=family)
     overrides = tiny_overrides(tmp_path, base)
     code, out, err = run(capsys, PIPELINE, *overrides)
     assert code == 0, err[-3000:]
@@ -127,6 +128,7 @@ def test_from_pretrained_runs_sft_reward_ppo_report_and_compare_reads_it(tmp_pat
     assert not (run_dir / "tokenizer").exists() and not (run_dir / "pretrain").exists()
     sft_config = json.loads((run_dir / "sft" / "config.json").read_text())
     assert sft_config["model_type"] == "rlhf-gpt" and sft_config["architectures"] == ["RlhfForCausalLM"]
+    assert sft_config.get("layout", "gpt2") == family
     assert sft_config["vocab_size"] == 304
     saved = load_tokenizer(run_dir / "sft")
     assert saved.chat_template == chat_template(EOS_TOKEN) and saved.pad_token == PAD_TOKEN
@@ -174,3 +176,10 @@ def test_the_reward_model_starts_from_a_folder_too(tmp_path, checkpoint, capsys)
     manifest = json.loads((reward_dir / "manifest.json").read_text())
     assert str(checkpoint) in manifest["inputs"] and manifest["upstream"] == {}
     assert load_tokenizer(reward_dir).vocab == load_tokenizer(checkpoint).vocab
+
+
+def test_the_supported_architectures_are_the_converters() -> None:
+    from rlhf.convert import SUPPORTED_HF_ARCHITECTURES
+    from rlhf.pretrained import SUPPORTED_ARCHITECTURES
+
+    assert SUPPORTED_ARCHITECTURES == SUPPORTED_HF_ARCHITECTURES
