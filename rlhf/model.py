@@ -31,6 +31,7 @@ from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
+from rlhf.config.base import LAYOUTS  # the one list of layout names: GPT-2's decoder, or the Llama family's
 from rlhf.layers import (  # noqa: F401  (Block, the masks and SUPPORTED_ACTIVATIONS are imported from here too)
     MLP,
     SUPPORTED_ACTIVATIONS,
@@ -42,9 +43,6 @@ from rlhf.layers import (  # noqa: F401  (Block, the masks and SUPPORTED_ACTIVAT
     position_ids_from_mask,
     rotary_cos_sin,
 )
-
-LAYOUTS = ("gpt2", "llama")
-"""`RlhfConfig.layout` values: GPT-2's decoder, or the Llama family's (Llama, Qwen2, Mistral)."""
 
 
 class RlhfConfig(PretrainedConfig):

@@ -45,3 +45,43 @@ def test_split_rows_holds_out_the_tail(tokenizer) -> None:
 def test_packing_settings_are_checked(key, value) -> None:
     with pytest.raises(ValueError, match=key):
         PretrainConfig(data=["corpus.txt"], **{key: value})
+
+
+def test_new_shape_settings_at_their_defaults_leave_recorded_fingerprints_alone() -> None:
+    """Runs recorded before the llama layout existed stay up to date; choosing it changes the fingerprint."""
+    from rlhf.config import ModelShape, fingerprinted_config
+
+    recorded = fingerprinted_config(PretrainConfig(data=["a.txt"]))
+    assert {"layout", "n_kv_head", "rope_theta"}.isdisjoint(recorded["model"]) and "max_seconds" not in recorded
+    llama = fingerprinted_config(PretrainConfig(data=["a.txt"], model=ModelShape(layout="llama", n_kv_head=2)))
+    assert llama["model"]["layout"] == "llama" and llama["model"]["n_kv_head"] == 2
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"layout": "mamba"}, "layout: must be one of gpt2, llama"),
+    ({"layout": "llama", "n_kv_head": 3}, "n_kv_head: must divide n_head (4), got 3"),
+    ({"n_kv_head": 2}, "n_kv_head: only the llama layout"),
+    ({"layout": "llama", "rope_theta": 0.0}, "rope_theta: must be positive"),
+])  # fmt: skip
+def test_layout_settings_are_checked(changes, problem) -> None:
+    from rlhf.config import ModelShape
+
+    with pytest.raises(ValueError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        ModelShape(**changes)
+
+
+@pytest.mark.slow
+def test_pretraining_builds_the_llama_layout_and_sft_trains_it(tmp_path, capsys) -> None:
+    import json
+
+    from pipeline_helpers import run, write_tiny_rlhf
+
+    pipeline = write_tiny_rlhf(tmp_path, report=False)
+    code, out, err = run(capsys, pipeline, "--only", "tokenizer", "stages.pretrain.model.layout=llama",
+                         "stages.pretrain.model.n_kv_head=1")  # fmt: skip
+    assert code == 0, err[-2000:]
+    for stage in ("pretrain", "sft"):
+        code, out, err = run(capsys, pipeline, "--only", stage, "stages.pretrain.model.layout=llama", "stages.pretrain.model.n_kv_head=1")
+        assert code == 0, err[-2000:]
+    config = json.loads((tmp_path / "run" / "sft" / "config.json").read_text())
+    assert (config["layout"], config["n_kv_head"], config["n_head"]) == ("llama", 1, 2)

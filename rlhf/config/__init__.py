@@ -42,12 +42,12 @@ from rlhf.data import decode_utf8
 from rlhf.errors import ConfigError
 
 from rlhf.config.base import (  # noqa: F401  (the settings every stage shares)
-    LORA_TARGETS, LR_SCHEDULES, MAX_FLOAT, MAX_INT, MAX_VOCAB, LoraSettings, ModelShape, OptimizationConfig, TrainingConfig, _check,
+    LAYOUTS, LORA_TARGETS, LR_SCHEDULES, MAX_FLOAT, MAX_INT, MAX_VOCAB, OMIT_DEFAULT, LoraSettings, ModelShape, OptimizationConfig, TrainingConfig, _check,
 )
 from rlhf.config.dpo import DPO_LOSS_TYPES, DPOStageConfig  # noqa: F401
 from rlhf.config.rl import CriticFreeConfig, GRPOConfig, PPOConfig, ReinforcePPConfig, RLConfig, RLOOConfig  # noqa: F401
 from rlhf.config.stages import (  # noqa: F401
-    OMIT_DEFAULT, PACKINGS, REWARD_INIT_STAGES, SFT_INIT_STAGES, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig,
+    PACKINGS, REWARD_INIT_STAGES, SFT_INIT_STAGES, TXT_DOCUMENTS, PretrainConfig, ReportConfig, RewardConfig, SFTConfig,
     TokenizerConfig,
 )
 
@@ -281,10 +281,16 @@ def stage_config_dict(stage_config: Any) -> dict:
 
 def fingerprinted_config(stage_config: Any) -> dict:
     """A stage config as its manifest records it and its fingerprint hashes: `stage_config_dict` less each
-    field added after runs were recorded (metadata `OMIT_DEFAULT`) that holds its default, so that those
-    runs stay up to date and a value other than the default still changes the fingerprint."""
-    data = stage_config_dict(stage_config)
-    for spec in dataclasses.fields(stage_config):
-        if spec.metadata.get(OMIT_DEFAULT) and getattr(stage_config, spec.name) == spec.default:
+    field added after runs were recorded (metadata `OMIT_DEFAULT`, at any depth) that holds its default,
+    so that those runs stay up to date and a value other than the default still changes the fingerprint."""
+    return _without_new_defaults(stage_config, stage_config_dict(stage_config))
+
+
+def _without_new_defaults(config: Any, data: dict) -> dict:
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if spec.metadata.get(OMIT_DEFAULT) and value == spec.default:
             del data[spec.name]
+        elif dataclasses.is_dataclass(value):
+            data[spec.name] = _without_new_defaults(value, data[spec.name])
     return data

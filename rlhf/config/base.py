@@ -16,6 +16,11 @@ LORA_TARGETS_BY_LAYOUT = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 """The Linear layers of `rlhf.model` in each layout (`rlhf.model.LAYOUTS`, tied to it by a test)."""
+LAYOUTS = tuple(LORA_TARGETS_BY_LAYOUT)
+"""The decoder's layouts (`RlhfConfig.layout`)."""
+OMIT_DEFAULT = "omit_default_from_fingerprint"
+"""Field metadata for a field added after runs were recorded: holding its default, it is left out of the
+manifest's config and the fingerprint (`rlhf.config.fingerprinted_config`), so those runs stay up to date."""
 LORA_TARGETS = tuple(name for names in LORA_TARGETS_BY_LAYOUT.values() for name in names)
 """Every layer name LoRA adapters can wrap, either layout. A model has only its own layout's names, so
 naming all of them (the default) wraps exactly the layout's layers."""
@@ -32,21 +37,33 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelShape:
+    layout: str = field(default="gpt2", metadata={OMIT_DEFAULT: True})
+    """'gpt2' (learned positions, LayerNorm, GELU MLP, tied head) or 'llama' (rotary positions, RMSNorm,
+    SwiGLU MLP, grouped-query attention, untied head, no biases)."""
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
     """Attention heads per block; must divide n_embd."""
+    n_kv_head: int = field(default=0, metadata={OMIT_DEFAULT: True})
+    """Key/value heads of the llama layout (grouped-query attention; must divide n_head); 0 means n_head."""
     n_embd: int = 128
     """Width of the residual stream."""
     n_positions: int = 256
     """Context length: the longest sequence the model can read."""
+    rope_theta: float = field(default=10000.0, metadata={OMIT_DEFAULT: True})
+    """Base of the llama layout's rotary position embeddings."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residual branches (pretraining and SFT only)."""
 
     def __post_init__(self):
+        _check(self.layout in LAYOUTS, f"layout: must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         for name in ("n_layer", "n_head", "n_embd", "n_positions"):
             _check(getattr(self, name) > 0, f"{name}: must be positive, got {getattr(self, name)}")
         _check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _check(self.n_kv_head >= 0 and (self.n_kv_head == 0 or self.n_head % self.n_kv_head == 0),
+               f"n_kv_head: must divide n_head ({self.n_head}), got {self.n_kv_head}")  # fmt: skip
+        _check(self.layout == "llama" or self.n_kv_head == 0, "n_kv_head: only the llama layout has grouped-query attention")
+        _check(self.rope_theta > 0, f"rope_theta: must be positive, got {self.rope_theta}")
         _check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
 
 
@@ -64,7 +81,7 @@ class OptimizationConfig:
     """Gradient clipping by global norm; 0 disables it."""
     amp: str = "auto"
     """Mixed precision: 'auto' (bf16 on CUDA where supported, else fp16; fp32 on CPU), 'bf16', 'fp16', 'off'."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata={OMIT_DEFAULT: True})
     """Recompute activations in backward: less memory, about a third more compute (the RL stages: the
     trained models' update forwards; sampling keeps its KV cache)."""
 
@@ -110,7 +127,7 @@ class TrainingConfig(OptimizationConfig):
     """torch.compile the model (worth it on CUDA for long runs; the first steps are slow while it compiles)."""
     max_nonfinite_steps: int = 10
     """Stop after this many optimizer steps in a row with a NaN or inf loss or gradient (each one is skipped)."""
-    max_seconds: float = 0.0
+    max_seconds: float = field(default=0.0, metadata={OMIT_DEFAULT: True})
     """Stop training after this many seconds of training (0: no limit); the stage completes with the weights it has."""
 
     def __post_init__(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf.config.base import LoraSettings, OptimizationConfig, _check
+from rlhf.config.base import OMIT_DEFAULT, LoraSettings, OptimizationConfig, _check
 
 KL_ESTIMATOR_NAMES = ("k1",)
 """The names of `rlhf.ppo_math.KL_ESTIMATORS` (which needs torch; a test keeps the two equal)."""
@@ -67,7 +67,7 @@ class RLConfig(OptimizationConfig):
     """Write a resumable checkpoint every this many iterations."""
     max_nonfinite_iterations: int = 3
     """Stop after this many iterations in a row whose every update had a NaN or inf loss or gradient."""
-    max_seconds: float = 0.0
+    max_seconds: float = field(default=0.0, metadata={OMIT_DEFAULT: True})
     """Stop after the first iteration that ends this many seconds into training (0: no limit); the stage then
     completes with the policy it has (the learning-rate schedule still spans `steps`)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf.config.base import MAX_VOCAB, LoraSettings, ModelShape, TrainingConfig, _check
+from rlhf.config.base import MAX_VOCAB, OMIT_DEFAULT, LoraSettings, ModelShape, TrainingConfig, _check
 
 
 TOKENIZER_KINDS = ("bpe", "char")
@@ -66,9 +66,6 @@ class PretrainConfig(TrainingConfig):
 
 
 
-OMIT_DEFAULT = "omit_default_from_fingerprint"
-"""Field metadata for a field added after runs were recorded: holding its default, it is left out of the
-manifest's config and the fingerprint (`rlhf.config.fingerprinted_config`), so those runs stay up to date."""
 
 SFT_INIT_STAGES = ("pretrain",)
 """The stages whose output `SFTConfig.init` may name; any other value is a model folder."""

@@ -99,10 +99,12 @@ def run(ctx: StageContext) -> dict:
     # 2. Build the model from scratch.
     torch.manual_seed(ctx.seed)
     shape = config.model
+    llama = {"n_kv_head": shape.n_kv_head or shape.n_head, "rope_theta": shape.rope_theta, "tie_word_embeddings": False}
     model_config = RlhfConfig(
         vocab_size=len(tokenizer), n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=shape.n_layer,
         n_head=shape.n_head, dropout=shape.dropout, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, layout=shape.layout,
+        **(llama if shape.layout == "llama" else {}),
     )  # fmt: skip
     model = RlhfForCausalLM(model_config)
     print(f"pretrain: model of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
