@@ -224,7 +224,7 @@ def main() -> None:
     params = any_result["params"]
     shape = "Qwen2.5-0.5B" + (f" (overridden: {overrides})" if overrides else "")
     print(f"model: {shape}, {params / 1e6:.1f}M parameters, fp32")
-    print(f"{'measurement':54}{'peak GB':>9}{'fits 24 GB':>12}{'seconds':>30}")
+    print(f"{'measurement':54}{'peak GB':>9}{'fits 24 GB':>12}{'seconds':>36}")
     rows = {"sft": "SFT steps, AdamW", "sft_ckpt": "SFT steps, AdamW, gradient checkpointing"}
     for name in ("sft", "sft_ckpt"):
         if name in results:
@@ -232,13 +232,13 @@ def main() -> None:
             later = statistics.median(r["step_s"][1:]) if len(r["step_s"]) > 1 else r["step_s"][0]
             timing = f"{later:.1f} s/step (first {r['step_s'][0]:.1f})"
             label = f"{rows[name]}, {args.batch}x{args.seq} tokens"
-            print(f"{label:54}{r['peak_gb']:9.2f}{'yes' if r['peak_gb'] <= LIMIT_GB else 'no':>12}{timing:>30}")
+            print(f"{label:54}{r['peak_gb']:9.2f}{'yes' if r['peak_gb'] <= LIMIT_GB else 'no':>12}{timing:>36}")
     if "ppo" in results:
         r = results["ppo"]
         how = "measured" if r["adamw"] else f"estimate: SGD measured {r['measured_peak_gb']:.2f} + AdamW moments"
         label = f"PPO iteration, checkpointing ({args.rollout}x{args.new_tokens} new)"
         timing = f"gen {r['time_generate']:.0f} + score {r['time_score']:.0f} + update {r['time_update']:.0f}"
-        print(f"{label:54}{r['peak_gb']:9.2f}{'yes' if r['peak_gb'] <= LIMIT_GB else 'no':>12}{timing:>30}")
+        print(f"{label:54}{r['peak_gb']:9.2f}{'yes' if r['peak_gb'] <= LIMIT_GB else 'no':>12}{timing:>36}")
         print(f"  PPO peak: {how}; trained parameters {r['trained_params'] / 1e6:.0f}M (policy + value)")
     static_sft = BYTES_TRAINED * params / GB
     static_ppo = (BYTES_TRAINED * 2 + BYTES_FROZEN * 2) * params / GB
