@@ -1,0 +1,48 @@
+"""Smoke tests of the model benchmarks' helpers at tiny shapes (the benchmarks themselves take minutes)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_model_llama_reference_is_llama_with_the_same_function():
+    bench = load("bench_model")
+    args = argparse.Namespace(layout="llama", vocab=64, context=32, width=32, layers=2, heads=4, kv_heads=2)
+    from rlhf.model import RlhfForCausalLM
+
+    torch.manual_seed(0)
+    ours = RlhfForCausalLM(bench.model_config(args)).eval()
+    theirs = bench.reference_model(ours).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    assert theirs.config.num_key_value_heads == 2 and not theirs.config.tie_word_embeddings
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_qwen_memory_sft_at_a_tiny_shape():
+    bench = load("bench_qwen_memory")
+    args = argparse.Namespace(steps=2, batch=2, seq=16)
+    result = bench.measure_sft(args, checkpointing=True, overrides={"num_hidden_layers": 1, "vocab_size": 128})
+    assert result["params"] > 0 and len(result["step_s"]) == 2
+    assert result["peak_gb"] >= result["build_peak_gb"] > 0
+
+
+def test_bench_qwen_memory_shape_is_qwen25_05b():
+    bench = load("bench_qwen_memory")
+    shape = bench.QWEN25_05B
+    assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]) == (896, 24, 14)
+    assert (shape["num_key_value_heads"], shape["intermediate_size"], shape["vocab_size"]) == (2, 4864, 151936)
