@@ -183,3 +183,19 @@ def test_the_supported_architectures_are_the_converters() -> None:
     from rlhf.pretrained import SUPPORTED_ARCHITECTURES
 
     assert SUPPORTED_ARCHITECTURES == SUPPORTED_HF_ARCHITECTURES
+
+
+def test_a_bf16_checkpoint_loads_in_its_dtype_and_trains_in_float32(tmp_path) -> None:
+    """transformers reads a bf16 folder as bf16 (no float32 copy while loading); SFT and the reward model
+    then train it in float32 (bf16 products are ~100x slower on the CPU, and AMP wants float32 masters)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.pretrained import load_causal_lm, load_reward_model
+
+    base = write_checkpoint(tmp_path / "base", family="llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.to(torch.bfloat16).save_pretrained(base)
+    assert AutoModelForCausalLM.from_pretrained(base).dtype == torch.bfloat16, "the checkpoint's own dtype"
+    assert load_causal_lm(base)[0].dtype == torch.float32
+    assert load_reward_model(base)[0].dtype == torch.float32
