@@ -278,19 +278,22 @@ def peft_config(lora):
                       task_type="CAUSAL_LM")  # fmt: skip
 
 
-def save_and_judge(trainer, tokenizer, out_dir: Path, config, judge, judge_prompts: list, seed: int) -> float | None:
-    """Save the trained policy (adapters merged) with `save_trained`; then, on the main process, the held-out
-    judge score of the saved policy (greedy, as `rlhf.responses.judge_policy`). None without a judge or
-    on the other processes."""
+def save_and_judge(trainer, tokenizer, out_dir: Path, config, judge, judge_prompts: list, seed: int, metrics: dict) -> bool:
+    """Save the trained policy (adapters merged) with `save_trained`; then, on the main process, put the
+    held-out judge score of the saved policy (greedy, as `rlhf.responses.judge_policy`) into
+    `metrics["judge_after"]` when there is a judge. Returns whether this is the main process (the others'
+    recipes return no metrics)."""
     from transformers import AutoModelForCausalLM
 
     from rlhf.responses import judge_policy
 
     save_trained(trainer, tokenizer, out_dir, merge_lora=config.lora is not None)
-    if not judge or not is_main_process():
-        return None
-    policy = AutoModelForCausalLM.from_pretrained(out_dir).to(trainer.args.device)
-    return judge_policy(policy, tokenizer, judge_prompts, judge, config.max_new_tokens, seed)
+    if not is_main_process():
+        return False
+    if judge:
+        policy = AutoModelForCausalLM.from_pretrained(out_dir).to(trainer.args.device)
+        metrics["judge_after"] = judge_policy(policy, tokenizer, judge_prompts, judge, config.max_new_tokens, seed)
+    return True
 
 
 def save_trained(trainer, tokenizer, out_dir: Path, merge_lora: bool = False) -> None:

@@ -215,6 +215,15 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
+def max_weight_diff(a: Path, b: Path) -> float:
+    """The largest absolute difference between two safetensors files' tensors (same names required)."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    return max((wa[name] - wb[name]).abs().max().item() for name in wa)
+
+
 def weights(stage_dir: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -17,7 +17,7 @@ import pytest
 
 from rlhf.artifacts import building_dir, read_manifest, read_metrics, verify_outputs
 
-from pipeline_helpers import DPO_STEPS, clone, run, run_killed
+from pipeline_helpers import DPO_STEPS, clone, max_weight_diff, run, run_killed
 
 WEIGHT_ATOL = 1e-6  # a resumed run must reproduce the uninterrupted one's weights to float32 rounding
 DPO_COLUMNS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -32,12 +32,6 @@ def weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[name] - wb[name]).abs().max().item() for name in wa)
 
 
 def mean_margin(model_dir: Path, tokenizer_dir: Path, pairs: list[dict]) -> float:

@@ -23,7 +23,7 @@ import pytest
 from rlhf.artifacts import building_dir, read_manifest, read_metrics, verify_outputs
 from rlhf.cli import main
 
-from pipeline_helpers import PPO_STEPS, ROLLOUT, at_rl_update, clone, run, run_killed
+from pipeline_helpers import PPO_STEPS, ROLLOUT, at_rl_update, clone, max_weight_diff, run, run_killed
 
 # Tiny policies give noisy k1 estimates; the stage's negative-KL warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:ppo iteration .* negative mean KL:UserWarning")
@@ -48,12 +48,6 @@ def weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[name] - wb[name]).abs().max().item() for name in wa)
 
 
 # ----------------------------------------------------------------------------- reward stage

@@ -144,11 +144,8 @@ def run(ctx: StageContext) -> dict:
     evaluation = trainer.evaluate()
 
     # 4. Save (adapters merged); the main process judges the saved policy.
-    judged = save_and_judge(trainer, tokenizer, out_dir, config, judge, judge_prompts, ctx.seed)
-    if not is_main_process():
+    if not save_and_judge(trainer, tokenizer, out_dir, config, judge, judge_prompts, ctx.seed, metrics):
         return {}
-    if judge:
-        metrics["judge_after"] = judged
     metrics.update(
         eval_loss=evaluation["eval_loss"], eval_perplexity=math.exp(evaluation["eval_loss"]),
         eval_accuracy=evaluation.get("eval_mean_token_accuracy"), train_seconds=round(seconds, 1),
