@@ -37,7 +37,9 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
-NOT_OUTPUTS = {MANIFEST, METRICS}
+MODEL_CARD = "README.md"
+"""The stage folder's model card: written before the manifest, but not an output (editing it changes nothing)."""
+NOT_OUTPUTS = {MANIFEST, METRICS, MODEL_CARD}
 
 
 def now() -> str:

@@ -11,7 +11,7 @@ import yaml
 
 from rlhf.config import build, load_pipeline
 from rlhf.errors import ConfigError
-from rlhf.stages import POLICY_STAGES, STAGES, stage_module, stage_order
+from rlhf.stages import POLICY_STAGES, STAGES, headline_metrics, stage_module, stage_order
 
 from pipeline_helpers import run, write_tiny_rlhf, write_yaml
 
@@ -106,3 +106,12 @@ def test_the_report_compares_policy_stages_of_the_registry(tmp_path) -> None:
     pipeline = write_yaml(tmp_path / "p.yaml", {"stages": {"report": {"eval_prompts": "e.jsonl", "policies": ["sft", "reward"]}}})
     with pytest.raises(ConfigError, match=f"'reward' is not a policy stage \\({', '.join(POLICY_STAGES)}\\)"):
         load_pipeline(pipeline)
+
+
+def test_headline_metrics_keep_the_registry_order_and_drop_what_is_missing() -> None:
+    metrics = {"steps": 7, "eval_accuracy": 0.9, "eval_loss": None, "train_seconds": 3.0}
+    assert list(headline_metrics("sft", metrics)) == ["eval_accuracy", "steps"]
+    assert headline_metrics("ppo", None) == {}
+    report = {"sft_judge": 0.7, "ppo_win_rate": 0.6, "ppo_kl": 0.3}
+    assert headline_metrics("report", report) == {"sft_judge": 0.7, "ppo_win_rate": 0.6}
+

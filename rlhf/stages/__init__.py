@@ -51,22 +51,36 @@ class Stage:
     """Import path of the recipe (imported only when the stage is planned: heavy imports stay deferred)."""
     policy: bool = False
     """The output folder is a causal-LM policy that the report and `rlhf compare` can compare."""
+    headline: tuple[str, ...] = ()
+    """The manifest metrics that sum the stage up (`rlhf status`, model cards), in the order shown."""
 
+
+RL_HEADLINE = ("eval_judge_sft", "eval_judge", "eval_rm_score", "eval_kl", "iterations")
 
 STAGES: dict[str, Stage] = {
-    "tokenizer": Stage(TokenizerConfig, "rlhf.stages.tokenizer"),
-    "pretrain": Stage(PretrainConfig, "rlhf.stages.pretrain", policy=True),
-    "sft": Stage(SFTConfig, "rlhf.stages.sft", policy=True),
-    "reward": Stage(RewardConfig, "rlhf.stages.reward"),
-    "dpo": Stage(DPOStageConfig, "rlhf.stages.dpo", policy=True),
-    "ppo": Stage(PPOConfig, "rlhf.stages.ppo", policy=True),
-    "grpo": Stage(GRPOConfig, "rlhf.stages.critic_free", policy=True),
-    "rloo": Stage(RLOOConfig, "rlhf.stages.critic_free", policy=True),
-    "reinforce_pp": Stage(ReinforcePPConfig, "rlhf.stages.critic_free", policy=True),
+    "tokenizer": Stage(TokenizerConfig, "rlhf.stages.tokenizer", headline=("vocab_size", "characters")),
+    "pretrain": Stage(PretrainConfig, "rlhf.stages.pretrain", policy=True, headline=("eval_loss", "eval_perplexity", "eval_accuracy", "steps")),
+    "sft": Stage(SFTConfig, "rlhf.stages.sft", policy=True, headline=("eval_loss", "eval_accuracy", "judge_before", "judge_after", "steps")),
+    "reward": Stage(RewardConfig, "rlhf.stages.reward", headline=("eval_accuracy", "eval_margin", "steps")),
+    "dpo": Stage(DPOStageConfig, "rlhf.stages.dpo", policy=True, headline=("eval_accuracy", "eval_margin", "judge_before", "judge_after", "steps")),
+    "ppo": Stage(PPOConfig, "rlhf.stages.ppo", policy=True, headline=RL_HEADLINE),
+    "grpo": Stage(GRPOConfig, "rlhf.stages.critic_free", policy=True, headline=RL_HEADLINE),
+    "rloo": Stage(RLOOConfig, "rlhf.stages.critic_free", policy=True, headline=RL_HEADLINE),
+    "reinforce_pp": Stage(ReinforcePPConfig, "rlhf.stages.critic_free", policy=True, headline=RL_HEADLINE),
     "report": Stage(ReportConfig, "rlhf.stages.report"),
 }
 """Every stage, in declaration order: the order that breaks ties between stages that do not depend
 on each other, and the order in which the report and `rlhf plots` list them."""
+
+def headline_metrics(name: str, metrics: dict | None) -> dict[str, Any]:
+    """The headline metrics (`Stage.headline`) that a stage's manifest metrics hold, in the registry's order.
+    The report stage's are every `<policy>_judge` and `<policy>_win_rate` it measured."""
+    metrics = metrics or {}
+    keys = STAGES[name].headline if name in STAGES else ()
+    if name == "report":
+        keys = tuple(key for key in metrics if key.endswith(("_judge", "_win_rate")))
+    return {key: metrics[key] for key in keys if metrics.get(key) is not None}
+
 
 POLICY_STAGES: tuple[str, ...] = tuple(name for name, stage in STAGES.items() if stage.policy)
 
