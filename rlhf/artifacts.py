@@ -36,6 +36,8 @@ from rlhf.errors import ArtifactError
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+"""A stage's TensorBoard event files (`report_to: tensorboard`): logs like metrics.jsonl, not outputs."""
 LOCK = ".lock"
 MODEL_CARD = "README.md"
 """The stage folder's model card: written before the manifest, but not an output (editing it changes nothing)."""
@@ -171,12 +173,12 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
 
 
 def output_files(stage_dir: str | Path) -> dict[str, str]:
-    """sha256 of every output file of a stage (checkpoints, manifest and metrics excluded)."""
+    """sha256 of every output file of a stage (checkpoints, manifest, metrics and tracker logs excluded)."""
     stage_dir = Path(stage_dir)
     hashes = {}
     for path in sorted(stage_dir.rglob("*")):
         relative = path.relative_to(stage_dir)
-        if path.is_file() and relative.parts[0] != CHECKPOINTS and path.name not in NOT_OUTPUTS and not path.name.startswith("."):
+        if path.is_file() and relative.parts[0] not in (CHECKPOINTS, TENSORBOARD_DIR) and path.name not in NOT_OUTPUTS and not path.name.startswith("."):
             hashes[relative.as_posix()] = sha256_file(path)
     return hashes
 
@@ -233,7 +235,7 @@ def _sync_dir(folder: Path) -> None:
 
 def begin_build(run_dir: str | Path, stage: str) -> Path:
     """The staging folder of a (re)build of `stage`, holding nothing but an interrupted build's
-    checkpoints and metrics (which the stage resumes or discards by their fingerprint).
+    checkpoints, metrics and TensorBoard logs (which the stage resumes or discards by their fingerprint).
 
     A stage folder without a complete manifest (left by an interrupted build of an older version) is
     taken over as the staging folder, so that its checkpoints resume too.
@@ -243,7 +245,7 @@ def begin_build(run_dir: str | Path, stage: str) -> Path:
         os.rename(final, building)
     building.mkdir(parents=True, exist_ok=True)
     for path in building.iterdir():
-        if path.name in (CHECKPOINTS, METRICS):
+        if path.name in (CHECKPOINTS, METRICS, TENSORBOARD_DIR):
             continue
         if path.is_dir():
             shutil.rmtree(path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rlhf.artifacts import CHECKPOINTS, atomic_write_text, truncate_metrics
+from rlhf.artifacts import CHECKPOINTS, METRICS, TENSORBOARD_DIR, atomic_write_text, truncate_metrics
 
 COMPLETE_MARKERS = {"checkpoint": "trainer_state.json", "step": "state.json"}
 """Checkpoint folder prefix -> the file whose presence makes it complete."""
@@ -47,7 +47,8 @@ def resume_checkpoint(stage_dir: Path, fingerprint: str) -> Path | None:
     """The newest complete checkpoint of an interrupted build of the staging folder `stage_dir` with
     the same fingerprint, else None. Checkpoints of another fingerprint and incomplete ones (a kill
     during a save) are deleted; the metrics log keeps the rows up to the checkpoint's step (a resumed
-    build logs the later ones again), or is deleted when there is nothing to resume. Main process only."""
+    build logs the later ones again), or is deleted with the TensorBoard logs when there is nothing to
+    resume. Main process only."""
     root = stage_dir / CHECKPOINTS
     if root.is_dir() and not same_fingerprint(root, fingerprint):
         shutil.rmtree(root)
@@ -58,7 +59,8 @@ def resume_checkpoint(stage_dir: Path, fingerprint: str) -> Path | None:
         if folder.is_dir() and folder not in complete:
             shutil.rmtree(folder)
     if not complete:
-        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (stage_dir / METRICS).unlink(missing_ok=True)
+        shutil.rmtree(stage_dir / TENSORBOARD_DIR, ignore_errors=True)
         return None
     truncate_metrics(stage_dir, checkpoint_step(complete[-1]))
     return complete[-1]

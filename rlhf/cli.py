@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="print the resolved config, the plan (skip or run, and why) and every check's verdict; "
                      "write nothing (exit 2 if the run would stop)")  # fmt: skip
+    loudness = run.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true",
+                          help="print each stage's start, end and results only (no step lines or progress bars)")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="print every logged step, and the libraries' own logs, warnings and progress bars")
     run.set_defaults(handler=commands.cmd_run)
 
     convert = subparsers.add_parser("convert", help="convert a model to or from transformers (GPT-2, Llama, Qwen2, Mistral)")
@@ -167,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Loading a local checkpoint needs no "Loading weights" bar; our own bars show the long work.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from rlhf import console
+
+    console.configure(console.VERBOSE if getattr(args, "verbose", False) else console.QUIET if getattr(args, "quiet", False) else console.NORMAL)
     from rlhf.distributed import is_main_process, leave
     from rlhf.errors import TrainingDiverged, UserError
 

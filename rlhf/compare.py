@@ -146,7 +146,7 @@ def compare_policies(policies: list[str], settings: CompareSettings, progress: b
     """Sample every policy (a directory or `DIR@best-of-N`) on the same prompts and measure it;
     returns the comparison as plain data."""
     import torch
-    from tqdm.auto import tqdm
+    from rlhf.console import progress_bar
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
@@ -179,7 +179,7 @@ def compare_policies(policies: list[str], settings: CompareSettings, progress: b
     #    favourite of N answers, and its KL is the formula's, to its base policy when that is the reference.
     names = policy_names(specs)
     rows, samples = [], {}
-    for name, spec in tqdm(list(zip(names, specs)), desc="comparing", unit="policy", disable=not progress):
+    for name, spec in progress_bar("comparing", iterable=list(zip(names, specs)), unit="policy", disable=not progress):
         policy = AutoModelForCausalLM.from_pretrained(spec.path).to(device).eval()
         sampled = sample_policy(policy, tokenizer, prompts, settings.max_new_tokens, settings.seed, settings.temperature,
                                 reward_model=reward, reference=None if spec.best_of else reference, judge=judge,

@@ -139,9 +139,9 @@ def token_stats(model, sequences: list[list[int]], targets: list[list[bool]], pa
     """
     device = next(model.parameters()).device
     total = TokenStats(0.0, 0, 0)
-    from tqdm.auto import tqdm
+    from rlhf.console import progress_bar
 
-    for start in tqdm(range(0, len(sequences), batch_size), desc="evaluating", unit="batch", disable=not progress):
+    for start in progress_bar("evaluating", iterable=range(0, len(sequences), batch_size), unit="batch", disable=not progress):
         rows, marks = sequences[start : start + batch_size], targets[start : start + batch_size]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)

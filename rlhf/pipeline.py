@@ -33,9 +33,11 @@ from rlhf.artifacts import (
     recover_swap, sha256_file, sha256_json, swap_in, verify_outputs, write_manifest,
 )  # fmt: skip
 from rlhf.config import PipelineConfig, fingerprinted_config, stage_config_dict
+from rlhf.console import say
 from rlhf.distributed import is_main_process, on_main
 from rlhf.errors import ArtifactError, ConfigError, DataError, TrainingDiverged, UserError
 from rlhf.stages import STAGES, StageContext, stage_module, stage_order
+from rlhf.tracking import check_installed
 
 
 def plan(config: PipelineConfig, only: str | None = None, start: str | None = None) -> list[str]:
@@ -87,9 +89,10 @@ def missing_upstream(run_dir: Path, parent: str) -> ArtifactError:
 
 def check_inputs(config: PipelineConfig, stages: list[str], run_dir: Path) -> None:
     """Bad input fails here, before anything is written (not even the run directory): every planned
-    stage's data files and plug-ins, and the upstream stages that the plan does not run."""
+    stage's trackers, data files and plug-ins, and the upstream stages that the plan does not run."""
     for name in stages:
         module = stage_module(name)
+        check_installed(getattr(config.stages[name], "report_to", []), f"{config.source}: stages.{name}")
         try:
             module.read_inputs(config.stages[name])
         except ConfigError as error:
@@ -136,7 +139,7 @@ def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str])
     stage_fingerprint, facts = fingerprint(config, name, run_dir)
     manifest = complete_manifest(run_dir / name)
     if name not in forced and manifest and manifest.get("fingerprint") == stage_fingerprint:
-        print(f"[{name}] up to date, skipped (finished {manifest.get('finished')})")
+        say(name, f"up to date, skipped (finished {manifest.get('finished')})", quiet_too=True)
         return None
     missing = [parent for parent, outputs in facts["upstream"].items() if outputs is None]
     if missing:
@@ -184,7 +187,7 @@ def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | N
             if decision is None:
                 continue
             stage_fingerprint, facts = decision
-            print(f"[{name}] running")
+            say(name, "running", quiet_too=True)
             started, clock = now(), time.perf_counter()
             context = StageContext(name, config.stages[name], run_dir, config.seed, stage_fingerprint, source=config.source)
             module = stage_module(name)
@@ -195,7 +198,7 @@ def run_pipeline(config: PipelineConfig, only: str | None = None, start: str | N
                 {"stage": name, "fingerprint": stage_fingerprint, **facts, "started": started,
                  "seconds": round(seconds, 1), "metrics": metrics, "pipeline": config.source},
             ))  # fmt: skip
-            print(f"[{name}] done in {seconds:.1f} s")
+            say(name, f"done in {seconds:.1f} s", quiet_too=True)
 
 
 # ----------------------------------------------------------------------------- the dry run

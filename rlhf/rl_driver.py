@@ -20,6 +20,7 @@ scaler, the KL controller, the score normalisation and the SFT policy's evaluati
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -29,6 +30,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 
+from rlhf.console import say
 from rlhf.data import check_prompt_rows, read_rows
 from rlhf.distributed import every_process, is_main_process, mean_over_processes, on_main, rank, world_size
 from rlhf.ppo_math import AdaptiveKLController, FixedKLController, Rollout
@@ -140,6 +142,7 @@ class RLRun:
         from rlhf.errors import ArtifactError
         from rlhf.rl_models import load_models
         from rlhf.tokenizer import check_fits_model
+        from rlhf.tracking import make_trackers
         from rlhf.training import precision_flags, tf32_available
 
         config = ctx.config
@@ -158,7 +161,8 @@ class RLRun:
         flags = precision_flags(config.amp)
         AcceleratorState._reset_state()  # an earlier stage's Trainer fixed its own precision (as TrainingArguments resets it)
         accelerator = Accelerator(mixed_precision="bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no",
-                                  cpu=not torch.cuda.is_available())  # fmt: skip
+                                  cpu=not torch.cuda.is_available(),
+                                  log_with=make_trackers(config.report_to, ctx.run_dir, ctx.name, ctx.out_dir) or None)  # fmt: skip
         if tf32_available():
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matrix products autocast leaves
         torch.manual_seed(ctx.seed)
@@ -194,7 +198,7 @@ class RLRun:
         limit = unwrapped(models.policy).config.n_positions - config.max_new_tokens
         cut = sum(len(ids) > limit for ids in encoded)
         if cut and is_main_process():
-            print(f"{self.ctx.name}: {cut} of {len(encoded)} prompts are longer than {limit} tokens (the context "
+            say(self.ctx.name, f"{cut} of {len(encoded)} prompts are longer than {limit} tokens (the context "
                   f"{limit + config.max_new_tokens} less max_new_tokens {config.max_new_tokens}): only their last {limit} are kept")  # fmt: skip
         self.encoded = encoded
 
@@ -212,7 +216,7 @@ class RLRun:
         if last is not None:
             self.start_step, self.sft_evaluation = load_checkpoint(last, models, self.optimizer, self.schedule,
                                                                    self.accelerator.scaler, self.controller)  # fmt: skip
-            print(f"{ctx.name}: resuming from {last} (iteration {self.start_step})")
+            say(ctx.name, f"resuming from {last} (iteration {self.start_step})")
             return
         chosen = prompt_order(len(self.encoded), 0, config.norm_prompts, ctx.seed)
         generator = torch.Generator(device=self.accelerator.device).manual_seed(ctx.seed * 1_000_003 + NORMALISATION_SEED)
@@ -220,7 +224,7 @@ class RLRun:
             measured = on_main(lambda: measure_score_normalisation(models, [self.encoded[i] for i in chosen], config, generator))
         use_score_normalisation(models, measured)
         if config.norm_prompts:
-            print(f"{ctx.name}: scores normalised over {measured.samples} of {measured.responses} SFT-policy responses "
+            say(ctx.name, f"scores normalised over {measured.samples} of {measured.responses} SFT-policy responses "
                   f"to training prompts (reward-model units: mean {measured.mean:.3f}, std {measured.std:.3f})")  # fmt: skip
 
     # 4. The held-out evaluation.
@@ -248,9 +252,9 @@ class RLRun:
     def train(self, algorithm: Algorithm) -> None:
         """Iterations from the resume point to `steps`: the algorithm's rollout step on this process's
         share of the prompts, the update, then the KL controller, logging, checkpoints and stopping."""
-        from tqdm.auto import tqdm
-
+        from rlhf import tracking
         from rlhf.artifacts import CHECKPOINTS, append_metrics
+        from rlhf.console import StepLines, progress_bar
         from rlhf.checkpoints import newest_checkpoint
         from rlhf.errors import TrainingDiverged
         from rlhf.responses import prompt_text
@@ -263,12 +267,13 @@ class RLRun:
         updates_per_step = config.update_passes * config.rollout_batch_size * config.group_size // (config.minibatch_size * config.grad_accum)
         checkpoints = ctx.out_dir / CHECKPOINTS
         norm = models.score_normalisation
-        progress = tqdm(range(self.start_step, config.steps), initial=self.start_step, total=config.steps, desc=ctx.name,
-                        unit="it", disable=not is_main_process())  # fmt: skip
+        bar = progress_bar(f"[{ctx.name}]", config.steps, initial=self.start_step, unit="it") if is_main_process() else None
+        lines = StepLines(ctx.name, config.steps, unit="iteration")
         diverged, started = 0, time.perf_counter()  # diverged: iterations in a row whose every update was NaN or inf
         self.iterations = self.start_step
-        with GracefulStop(ctx.name) as stop:  # SIGINT/SIGTERM: finish the iteration, save a checkpoint, stop
-            for step in progress:
+        # SIGINT/SIGTERM: finish the iteration, save a checkpoint, stop. The trackers and the bar close however it ends.
+        with GracefulStop(ctx.name) as stop, self.reporting(bar):
+            for step in range(self.start_step, config.steps):
                 # a. This process's share of the iteration's prompts, sampled and scored with its own seed.
                 batch = prompt_order(len(prompts), step * world_size() + rank(), config.rollout_batch_size, ctx.seed)
                 seed = ctx.seed * 1_000_003 + step + rank() * RANK_SEED_STRIDE
@@ -294,8 +299,10 @@ class RLRun:
                     stats.update(score_norm_mean=norm.mean, score_norm_std=norm.std, score_norm_samples=norm.samples)
                 if is_main_process():
                     append_metrics(ctx.out_dir, stats)
+                    lines.log(stats)
+                    bar.update()
+                self.accelerator.log(tracking.scalars(stats), step=step + 1)
                 warn_if_odd(ctx.name, step, stats)
-                progress.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{controller.value:.3f}")
                 out_of_time = every_process(config.max_seconds > 0 and time.perf_counter() - started >= config.max_seconds)
                 stopping = stop.requested()
                 if ((step + 1) % config.save_every == 0 and step + 1 < config.steps) or stopping:
@@ -305,8 +312,26 @@ class RLRun:
                     stop.exit(checkpoints / f"step-{step + 1}")
                 self.iterations = step + 1
                 if out_of_time:
-                    print(f"{ctx.name}: stopped after iteration {step + 1} of {config.steps}: max_seconds {config.max_seconds:g} reached")
+                    say(ctx.name, f"stopped after iteration {step + 1} of {config.steps}: max_seconds {config.max_seconds:g} reached")
                     break
+
+    @contextlib.contextmanager
+    def reporting(self, bar):
+        """The trackers' run (started with the resolved config, resumed past the checkpoint), then the bar and
+        the trackers closed."""
+        from rlhf import tracking
+
+        tracking.resume_at(self.accelerator.log_with, self.start_step)
+        with tracking.quietly():
+            self.accelerator.init_trackers(tracking.project_name(self.ctx.run_dir),
+                                           config=tracking.hyperparameters(tracking.stage_config(self.ctx)))  # fmt: skip
+        try:
+            yield
+        finally:
+            if bar is not None:
+                bar.close()
+            with tracking.quietly():
+                self.accelerator.end_training()
 
     # 6. Evaluate and save.
     def finish(self) -> dict:
@@ -324,10 +349,10 @@ class RLRun:
             after = self.evaluate()
             metrics.update({f"eval_{name}": value for name, value in after.items()})
             metrics.update({f"eval_{name}_sft": value for name, value in (before or {}).items()})
-            print(f"{ctx.name}: on {len(self.inputs.eval_prompts)} held-out prompts (sampled, seed {ctx.seed}):")
+            say(ctx.name, f"on {len(self.inputs.eval_prompts)} held-out prompts (sampled, seed {ctx.seed}):", quiet_too=True)
             for name in sorted(after):
                 was = f"{before[name]:.3f} (SFT) -> " if before else ""
-                print(f"  {name:9} {was}{after[name]:.3f} ({ctx.name})")
+                say(ctx.name, f"  {name:9} {was}{after[name]:.3f} ({ctx.name})", quiet_too=True)
         policy = unwrapped(models.policy)
         (policy.merge_and_unload() if self.config.lora else policy).save_pretrained(ctx.out_dir)
         models.tokenizer.save_pretrained(ctx.out_dir)

@@ -48,12 +48,12 @@ class RewardScorer:
     @torch.no_grad()
     def score_texts(self, texts: list[str], progress: bool = False) -> list[float]:
         """Raw scores of already-rendered texts, truncated from the left to the model's context."""
-        from tqdm.auto import tqdm
+        from rlhf.console import progress_bar
 
         limit = self.model.config.n_positions
         scores: list[float] = []
         starts = range(0, len(texts), self.batch_size)
-        for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
+        for start in progress_bar("scoring", iterable=starts, unit="batch", disable=not progress):
             encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-limit:] for t in texts[start : start + self.batch_size]]
             width = max(len(ids) for ids in encoded)
             ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)

@@ -19,10 +19,13 @@ from typing import NoReturn
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from rlhf import tracking
 from rlhf.artifacts import CHECKPOINTS, append_metrics
 from rlhf.checkpoints import newest_checkpoint, resume_checkpoint
 from rlhf.config import LR_SCHEDULES, TrainingConfig
+from rlhf.console import StepLines, progress_bar, say
 from rlhf.distributed import any_process, barrier, every_process, is_main_process, on_main
 from rlhf.errors import TrainingDiverged
 
@@ -88,17 +91,46 @@ def trainer_arguments(args_class: type, config: TrainingConfig, stage_dir: Path,
     )
 
 
-class MetricsFile(TrainerCallback):
-    """Appends every Trainer log (loss, learning rate, eval metrics, ...) to the stage's metrics.jsonl."""
+class MetricsLog(TrainerCallback):
+    """Every Trainer log (loss, learning rate, eval metrics, ...) of the main process: appended to the stage's
+    metrics.jsonl, sent to its trackers (`report_to`), and shown as step lines (`rlhf.console`) over a
+    progress bar, in place of the Trainer's own dict prints and bar. The Trainer's closing summary
+    (train_runtime, ...) goes to the file only: the stage prints its own."""
 
-    def __init__(self, stage_dir: Path):
-        self.stage_dir = stage_dir
+    def __init__(self, ctx):
+        self.ctx = ctx
         self.started = time.perf_counter()
+        self.trackers: list = []
+        self.lines: StepLines | None = None
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.lines = StepLines(self.ctx.name, state.max_steps)
+        self.bar = progress_bar(f"[{self.ctx.name}]", state.max_steps, initial=state.global_step)
+        self.trackers = tracking.make_trackers(self.ctx.config.report_to, self.ctx.run_dir, self.ctx.name, self.ctx.out_dir,
+                                               resume_step=state.global_step)  # fmt: skip
+        tracking.start(self.trackers, tracking.stage_config(self.ctx))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            row = {"step": state.global_step, "time": round(time.perf_counter() - self.started, 3), **logs}
-            append_metrics(self.stage_dir, row)
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "time": round(time.perf_counter() - self.started, 3), **logs}
+        append_metrics(self.ctx.out_dir, row)
+        tracking.log(self.trackers, logs, state.global_step)
+        if "train_runtime" not in logs:
+            self.lines.log(row)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+        tracking.finish(self.trackers)
+        self.trackers = []
 
 
 def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
@@ -192,13 +224,13 @@ class GracefulStop(TrainerCallback):
         if self.received:
             raise KeyboardInterrupt
         self.received = signal.Signals(number).name
-        print(f"\n{self.stage}: {self.received} received; saving a checkpoint after this step "
+        print(f"\n[{self.stage}] {self.received} received; saving a checkpoint after this step "
               "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
 
     def exit(self, checkpoint: Path | str) -> NoReturn:
         """Raise KeyboardInterrupt once every process is here (the main one may still be writing `checkpoint`)."""
         barrier()
-        print(f"{self.stage}: stopped by {self.received}; saved {checkpoint}", file=sys.stderr, flush=True)
+        print(f"[{self.stage}] stopped by {self.received}; saved {checkpoint}", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
     def requested(self) -> bool:
@@ -239,7 +271,7 @@ def resume_point(stage_dir: Path, fingerprint: str) -> str | None:
     """The checkpoint a Trainer stage resumes from (`rlhf.checkpoints.resume_checkpoint`), as the path TRL takes."""
     last = resume_checkpoint(stage_dir, fingerprint)
     if last is not None:
-        print(f"resuming from {last}")
+        say(stage_dir.name.removeprefix(".").removesuffix(".building"), f"resuming from {last}")
     return str(last) if last is not None else None
 
 
@@ -254,7 +286,9 @@ def train(trainer, ctx) -> float:
     trainer.training_step = guard.watch(trainer.training_step)
     stop = GracefulStop(ctx.name)
     budget = [TimeBudget(ctx.config.max_seconds)] if ctx.config.max_seconds else []
-    for callback in (guard, *budget, stop, MetricsFile(stage_dir)):  # a signal's checkpoint wins over the budget's no-save
+    trainer.remove_callback(ProgressCallback)  # MetricsLog prints our lines and bar instead of its dicts
+    trainer.remove_callback(PrinterCallback)
+    for callback in (guard, *budget, stop, MetricsLog(ctx)):  # a signal's checkpoint wins over the budget's no-save
         trainer.add_callback(callback)
     started = time.perf_counter()
     with stop:
@@ -264,7 +298,7 @@ def train(trainer, ctx) -> float:
     if stop.received:
         stop.exit(Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
     if budget and budget[0].stopped_at is not None:
-        print(f"{ctx.name}: max_seconds {ctx.config.max_seconds:g} reached; stopped after step {budget[0].stopped_at}")
+        say(ctx.name, f"max_seconds {ctx.config.max_seconds:g} reached; stopped after step {budget[0].stopped_at}")
     return time.perf_counter() - started
 
 

@@ -204,7 +204,7 @@ def test_prompts_longer_than_the_room_left_are_counted(base, tmp_path, capsys) -
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo",
                          "stages.ppo.max_new_tokens=88", "stages.ppo.steps=1", "stages.ppo.norm_prompts=0")  # fmt: skip
     assert code == 0, err[-3000:]
-    assert re.search(r"ppo: \d+ of 16 prompts are longer than 8 tokens \(the context 96 less max_new_tokens 88\)", out), out[-3000:]
+    assert re.search(r"\[ppo\] \d+ of 16 prompts are longer than 8 tokens \(the context 96 less max_new_tokens 88\)", out), out[-3000:]
 
 
 def test_gradient_checkpointing_recomputes_and_trains_to_the_same_policy(base, tmp_path, capsys, monkeypatch) -> None:

@@ -42,7 +42,7 @@ from rlhf.data import decode_utf8
 from rlhf.errors import ConfigError
 
 from rlhf.config.base import (  # noqa: F401  (the settings every stage shares)
-    LAYOUTS, LORA_TARGETS, LR_SCHEDULES, MAX_FLOAT, MAX_INT, MAX_VOCAB, OMIT_DEFAULT, LoraSettings, ModelShape, OptimizationConfig, TrainingConfig, _check,
+    LAYOUTS, LORA_TARGETS, LR_SCHEDULES, MAX_FLOAT, MAX_INT, MAX_VOCAB, NOT_FINGERPRINTED, OMIT_DEFAULT, TRACKERS, LoraSettings, ModelShape, OptimizationConfig, TrainingConfig, _check, check_trackers,
 )
 from rlhf.config.dpo import DPO_LOSS_TYPES, DPOStageConfig  # noqa: F401
 from rlhf.config.rl import CriticFreeConfig, GRPOConfig, PPOConfig, ReinforcePPConfig, RLConfig, RLOOConfig  # noqa: F401
@@ -58,6 +58,8 @@ class PipelineConfig:
     """Artifact directory shared by all stages."""
     seed: int = 0
     """Seed for every stage (data order, initialisation, sampling)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers for every training stage that does not name its own `report_to`."""
     stages: dict[str, Any] = field(default_factory=dict)
     """Stage name -> its config (the class `rlhf.stages.STAGES` registers for it); see `rlhf.stages.stage_order`
     for the order they run in."""
@@ -67,6 +69,7 @@ class PipelineConfig:
     def __post_init__(self):
         _check(self.run_dir.strip() != "", "run_dir: give a directory (an empty one would write into the current directory)")
         _check(self.seed >= 0, f"seed: must be >= 0, got {self.seed}")
+        check_trackers(self.report_to)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -254,6 +257,9 @@ def build_pipeline(tree: dict, path: Path) -> PipelineConfig:
         raise ConfigError(f"{path}: stages: no stage to run; name at least one of {', '.join(STAGES)}")
     config = build(PipelineConfig, tree, str(path) + ":")
     for name, settings in kept.items():
+        has_trackers = "report_to" in {spec.name for spec in dataclasses.fields(STAGES[name].config)}
+        if config.report_to and has_trackers and (settings is None or (isinstance(settings, dict) and "report_to" not in settings)):
+            settings = {**(settings or {}), "report_to": list(config.report_to)}  # the pipeline's default
         config.stages[name] = build(STAGES[name].config, settings, f"{path}: stages.{name}")
     config.source = str(path)
     return config
@@ -282,14 +288,15 @@ def stage_config_dict(stage_config: Any) -> dict:
 def fingerprinted_config(stage_config: Any) -> dict:
     """A stage config as its manifest records it and its fingerprint hashes: `stage_config_dict` less each
     field added after runs were recorded (metadata `OMIT_DEFAULT`, at any depth) that holds its default,
-    so that those runs stay up to date and a value other than the default still changes the fingerprint."""
+    so that those runs stay up to date and a value other than the default still changes the fingerprint,
+    and less each setting of where results are reported (metadata `NOT_FINGERPRINTED`)."""
     return _without_new_defaults(stage_config, stage_config_dict(stage_config))
 
 
 def _without_new_defaults(config: Any, data: dict) -> dict:
     for spec in dataclasses.fields(config):
         value = getattr(config, spec.name)
-        if spec.metadata.get(OMIT_DEFAULT) and value == spec.default:
+        if spec.metadata.get(NOT_FINGERPRINTED) or (spec.metadata.get(OMIT_DEFAULT) and value == spec.default):
             del data[spec.name]
         elif dataclasses.is_dataclass(value):
             data[spec.name] = _without_new_defaults(value, data[spec.name])

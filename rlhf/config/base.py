@@ -21,6 +21,12 @@ LAYOUTS = tuple(LORA_TARGETS_BY_LAYOUT)
 OMIT_DEFAULT = "omit_default_from_fingerprint"
 """Field metadata for a field added after runs were recorded: holding its default, it is left out of the
 manifest's config and the fingerprint (`rlhf.config.fingerprinted_config`), so those runs stay up to date."""
+NOT_FINGERPRINTED = "not_fingerprinted"
+"""Field metadata for a setting that changes where results are reported, not what is trained (`report_to`): it
+is left out of the manifest's config and the fingerprint, so changing it re-runs nothing."""
+TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
+"""The experiment trackers a stage can report to (`report_to`; `rlhf.tracking` builds them, each an optional
+extra: pip install -e ".[tensorboard]")."""
 LORA_TARGETS = tuple(name for names in LORA_TARGETS_BY_LAYOUT.values() for name in names)
 """Every layer name LoRA adapters can wrap, either layout. A model has only its own layout's names, so
 naming all of them (the default) wraps exactly the layout's layers."""
@@ -33,6 +39,12 @@ LR_SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def check_trackers(names: list[str]) -> None:
+    for name in names:
+        _check(name in TRACKERS, f"report_to: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
+    _check(len(set(names)) == len(names), f"report_to: a tracker is named twice in {names}")
 
 
 @dataclass
@@ -84,6 +96,11 @@ class OptimizationConfig:
     gradient_checkpointing: bool = field(default=False, metadata={OMIT_DEFAULT: True})
     """Recompute activations in backward: less memory, about a third more compute (the RL stages: the
     trained models' update forwards; sampling keeps its KV cache)."""
+    report_to: list[str] = field(default_factory=list, metadata={NOT_FINGERPRINTED: True})
+    """Experiment trackers that get the stage's curves and its resolved config: 'tensorboard', 'trackio',
+    'wandb', 'mlflow', or a list (default: none; a pipeline's top-level `report_to` sets every stage's).
+    TensorBoard writes into the stage folder (`tensorboard --logdir <run_dir>` shows every stage); the others
+    log to project <run_dir's name>, run <stage>. Changing it re-runs nothing."""
 
     def __post_init__(self):
         _check(self.lr > 0, f"lr: must be positive, got {self.lr}")
@@ -91,6 +108,7 @@ class OptimizationConfig:
         _check(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         _check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
         _check(self.amp in ("auto", "bf16", "fp16", "off"), f"amp: unknown {self.amp!r}")
+        check_trackers(self.report_to)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 from rlhf.config import DPOStageConfig
 from rlhf.data import read_preference_split
 from rlhf.stages import StageContext
+from rlhf.console import say
 
 DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch; the main one judges
 
@@ -65,7 +66,7 @@ def run(ctx: StageContext) -> dict:
     # 1. Read and check the pairs (and judge prompts); the held-out rows are the file's last.
     train_pairs, eval_pairs, skipped, judge, judge_prompts = read_inputs(config)
     if skipped:
-        print(f"dpo: skipped {skipped} hh-rlhf pairs whose final answer is empty")
+        say("dpo", f"skipped {skipped} hh-rlhf pairs whose final answer is empty")
 
     # 2. Load the SFT policy twice: the model to train and the fixed reference (none with LoRA:
     #    TRL then scores the reference with the adapters disabled).
@@ -102,14 +103,14 @@ def run(ctx: StageContext) -> dict:
         eval_loss=evaluation["eval_loss"], eval_accuracy=evaluation["eval_rewards/accuracies"],
         eval_margin=evaluation["eval_rewards/margins"], train_seconds=round(seconds, 1), steps=trainer.state.global_step,
     )  # fmt: skip
-    print(
-        f"dpo: {metrics['steps']} steps in {seconds:.1f} s ({config.loss_type}, beta {config.beta:g}); on "
+    say(
+        "dpo", f"{metrics['steps']} steps in {seconds:.1f} s ({config.loss_type}, beta {config.beta:g}); on "
         f"{len(eval_pairs)} held-out pairs: loss {metrics['eval_loss']:.4f}, implicit-reward accuracy "
-        f"{metrics['eval_accuracy']:.3f}, mean margin {metrics['eval_margin']:.3f}"
+        f"{metrics['eval_accuracy']:.3f}, mean margin {metrics['eval_margin']:.3f}", quiet_too=True
     )
     if judge:
-        print(
-            f"dpo: judge score on {len(judge_prompts)} held-out prompts (greedy): SFT "
-            f"{metrics['judge_before']:.3f} -> DPO {metrics['judge_after']:.3f}"
+        say(
+            "dpo", f"judge score on {len(judge_prompts)} held-out prompts (greedy): SFT "
+            f"{metrics['judge_before']:.3f} -> DPO {metrics['judge_after']:.3f}", quiet_too=True
         )
     return metrics

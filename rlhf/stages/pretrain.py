@@ -16,6 +16,7 @@ from rlhf.config import PretrainConfig
 from rlhf.data import read_text_documents
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
+from rlhf.console import say
 
 DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch
 
@@ -93,7 +94,7 @@ def run(ctx: StageContext) -> dict:
     if not train_blocks or not eval_blocks:
         raise DataError(f"{config.data[0]}: corpus too small: {tokens} tokens for blocks of {block_size}")
     unit = f"blocks of {block_size}" if config.packing == "wrapped" else f"documents (up to {block_size} tokens)"
-    print(f"pretrain: {tokens:,} tokens, {len(train_blocks):,} training {unit}, {len(eval_blocks)} held out")
+    say("pretrain", f"{tokens:,} tokens, {len(train_blocks):,} training {unit}, {len(eval_blocks)} held out")
     out_dir = ctx.begin()
 
     # 2. Build the model from scratch.
@@ -107,7 +108,7 @@ def run(ctx: StageContext) -> dict:
         **(llama if shape.layout == "llama" else {}),
     )  # fmt: skip
     model = RlhfForCausalLM(model_config)
-    print(f"pretrain: model of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    say("pretrain", f"model of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
     # 3. Train on TRL's SFTTrainer: pre-tokenized rows, wrapped packing into fixed blocks or one document a row.
     packing = {"packing": True, "packing_strategy": "wrapped"} if config.packing == "wrapped" else {"packing": False}
@@ -131,8 +132,8 @@ def run(ctx: StageContext) -> dict:
         "train_seconds": round(seconds, 1),
         "steps": trainer.state.global_step,
     }
-    print(
-        f"pretrain: {metrics['steps']} steps in {seconds:.1f} s; held-out loss {metrics['eval_loss']:.4f}, "
-        f"perplexity {metrics['eval_perplexity']:.2f}, next-token accuracy {metrics['eval_accuracy']:.3f}"
+    say(
+        "pretrain", f"{metrics['steps']} steps in {seconds:.1f} s; held-out loss {metrics['eval_loss']:.4f}, "
+        f"perplexity {metrics['eval_perplexity']:.2f}, next-token accuracy {metrics['eval_accuracy']:.3f}", quiet_too=True
     )
     return metrics

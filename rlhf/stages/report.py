@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 
 from rlhf.config import ReportConfig
 from rlhf.stages import STAGES, StageContext
+from rlhf.console import say
 
 HEADLINE_METRICS = {  # stage -> manifest metrics worth a line in the report
     "tokenizer": ("vocab_size",),
@@ -142,6 +143,6 @@ def run(ctx: StageContext) -> dict:
         "## Sample responses", "", samples_markdown(result),
     ]  # fmt: skip
     atomic_write_text(run_dir / "report.md", "\n".join(page) + "\n")
-    print(f"report: wrote {run_dir / 'report.md'}")
+    say("report", f"wrote {run_dir / 'report.md'}")
     return {f"{row['policy']}_{key}": row[key] for row in result["policies"]
             for key in ("rm_score", "win_rate", "sign_test_p", "kl", "judge") if key in row}  # fmt: skip

@@ -21,6 +21,7 @@ from rlhf.config import REWARD_INIT_STAGES, RewardConfig
 from rlhf.data import read_preference_split
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
+from rlhf.console import say
 
 DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch; the main one evaluates
 
@@ -95,13 +96,14 @@ def run(ctx: StageContext) -> dict:
     # 1. Read and check the pairs; split before conversion so the test rows are fixed.
     train_pairs, eval_pairs, skipped = read_inputs(config)
     if skipped:
-        print(f"reward: skipped {skipped} hh-rlhf pairs whose final answer is empty")
+        say("reward", f"skipped {skipped} hh-rlhf pairs whose final answer is empty")
 
     # 2. Load the init backbone (a stage's, or a model folder's); count pairs the context cannot hold (the
     #    trainer leaves them out).
     init_dir = init_folder(config.init, REWARD_INIT_STAGES) or ctx.upstream(config.init)
     torch.manual_seed(ctx.seed)  # the new score head's initialisation
     model, tokenizer = load_reward_model(init_dir)
+    say("reward", f"{init_dir}'s backbone with a new score head, trained from here")
     check_fits_model(tokenizer, model.config, init_dir)
     set_dropout(model, 0.0)
     max_length = config.max_length or model.config.n_positions
@@ -111,7 +113,7 @@ def run(ctx: StageContext) -> dict:
     if too_long == len(train_pairs):
         raise DataError(f"{config.data}: every training pair is longer than max_length {max_length} tokens")
     if too_long:
-        print(f"reward: {too_long} of {len(train_pairs)} training pairs exceed max_length {max_length} and are left out")
+        say("reward", f"{too_long} of {len(train_pairs)} training pairs exceed max_length {max_length} and are left out")
     out_dir = ctx.begin()
 
     # 3. Train with TRL's RewardTrainer (Bradley-Terry, optional margin and centring).
@@ -154,9 +156,9 @@ def run(ctx: StageContext) -> dict:
         "too_long_pairs": too_long, "skipped_empty_pairs": skipped, "reward_mean": mean, "reward_std": std,
         "train_seconds": round(seconds, 1), "steps": trainer.state.global_step,
     }  # fmt: skip
-    print(
-        f"reward: {metrics['steps']} steps in {seconds:.1f} s; held-out pairwise accuracy {accuracy:.3f} "
+    say(
+        "reward", f"{metrics['steps']} steps in {seconds:.1f} s; held-out pairwise accuracy {accuracy:.3f} "
         f"on {len(eval_pairs)} pairs, mean margin {margin:.3f}; normalised over {source} "
-        f"(mean {mean:.3f}, std {std:.3f}, folded into the score head)"
+        f"(mean {mean:.3f}, std {std:.3f}, folded into the score head)", quiet_too=True
     )
     return metrics

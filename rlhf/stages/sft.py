@@ -20,6 +20,7 @@ from rlhf.config import SFT_INIT_STAGES, SFTConfig
 from rlhf.data import check_sft_rows, read_rows, split_tail
 from rlhf.errors import DataError
 from rlhf.stages import StageContext
+from rlhf.console import say
 
 DATA_PARALLEL = True  # under torchrun, each process trains on its share of every batch; the main one judges
 
@@ -117,7 +118,7 @@ def run(ctx: StageContext) -> dict:
     model, tokenizer = load_causal_lm(pretrained)
     check_fits_model(tokenizer, model.config, pretrained)
     if data_format == "messages" and not has_generation_markers(tokenizer):
-        print(f"sft: {pretrained}'s chat template has no {{% generation %}} markers: loss on each conversation's last answer")
+        say("sft", f"{pretrained}'s chat template has no {{% generation %}} markers: loss on each conversation's last answer")
         rows, data_format = last_turn_completions(rows), "prompt_completion"
         train_rows, eval_rows = split_tail(rows, config.eval_fraction)
     max_length = config.max_length or model.config.n_positions
@@ -151,13 +152,13 @@ def run(ctx: StageContext) -> dict:
         eval_accuracy=evaluation.get("eval_mean_token_accuracy"), train_seconds=round(seconds, 1),
         steps=trainer.state.global_step,
     )  # fmt: skip
-    print(
-        f"sft: {metrics['steps']} steps in {seconds:.1f} s; held-out completion loss {metrics['eval_loss']:.4f}, "
-        f"perplexity {metrics['eval_perplexity']:.2f}, next-token accuracy {metrics['eval_accuracy']:.3f}"
+    say(
+        "sft", f"{metrics['steps']} steps in {seconds:.1f} s; held-out completion loss {metrics['eval_loss']:.4f}, "
+        f"perplexity {metrics['eval_perplexity']:.2f}, next-token accuracy {metrics['eval_accuracy']:.3f}", quiet_too=True
     )
     if judge:
-        print(
-            f"sft: judge score on {len(judge_prompts)} held-out prompts (greedy): pretrained "
-            f"{metrics['judge_before']:.3f} -> SFT {metrics['judge_after']:.3f}"
+        say(
+            "sft", f"judge score on {len(judge_prompts)} held-out prompts (greedy): pretrained "
+            f"{metrics['judge_before']:.3f} -> SFT {metrics['judge_after']:.3f}", quiet_too=True
         )
     return metrics

@@ -8,6 +8,7 @@ from typing import NamedTuple
 from rlhf.config import TokenizerConfig
 from rlhf.data import all_strings, read_rows, read_text_documents
 from rlhf.stages import StageContext
+from rlhf.console import say
 
 
 def upstream(config) -> tuple[str, ...]:
@@ -43,5 +44,5 @@ def run(ctx: StageContext) -> dict:
     # 2. Train and save.
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, kind=config.kind)
     save_tokenizer(tokenizer, ctx.begin())
-    print(f"tokenizer: {config.kind}, {len(tokenizer)} tokens, trained on {sum(len(t) for t in texts):,} characters")
+    say("tokenizer", f"{config.kind}, {len(tokenizer)} tokens, trained on {sum(len(t) for t in texts):,} characters")
     return {"vocab_size": len(tokenizer), "characters": sum(len(t) for t in texts)}
