@@ -163,10 +163,10 @@ def format_status(status: RunStatus) -> str:
     if not status.stages:
         lines.append("no stage has started here")
     else:
-        header = ["stage", "status", "finished", "took", *(["next"] if status.pipeline else []), "metrics", "reason"]
+        header = ["stage", "status", "finished", "took", *(["next"] if status.pipeline else []), "reason", "metrics"]
         table = [header] + [
             [row.stage, row.status, short_time(row.finished), f"{row.seconds:.1f} s" if row.seconds is not None else "",
-             *([row.next or ""] if status.pipeline else []), format_metrics(row.metrics), "; ".join([row.reason, *row.notes])]
+             *([row.next or ""] if status.pipeline else []), "; ".join([row.reason, *row.notes]), format_metrics(row.metrics)]
             for row in status.stages
         ]  # fmt: skip
         widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]

@@ -76,7 +76,7 @@ def test_table_columns_are_aligned(tmp_path) -> None:
     lines = format_status(run_status(run_dir)).splitlines()
     header = lines[1]
     for line in lines[2:4]:
-        for column in ("status", "finished", "took", "metrics", "reason"):
+        for column in ("status", "finished", "took", "reason", "metrics"):
             start = header.index(column)
             assert line[start - 2 : start] == "  " and line[start] != " ", (column, line)
 
