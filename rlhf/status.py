@@ -54,6 +54,8 @@ class StageStatus:
     next: str | None = None
     """What `rlhf run PIPELINE --run-dir RUN_DIR` would do with it: skip, run, or resume from a checkpoint;
     None without a pipeline file."""
+    pipeline: str | None = None
+    """The pipeline file its manifest records."""
 
 
 @dataclass
@@ -91,7 +93,7 @@ def judge_stage(run_dir: Path, name: str, lock_held: bool) -> StageStatus | None
     return StageStatus(
         name, "corrupted" if problem else "complete", problem or f"{len(manifest.get('outputs', {}))} outputs match their recorded sha256",
         notes=notes, started=manifest.get("started"), finished=manifest.get("finished"), seconds=manifest.get("seconds"),
-        metrics=headline_metrics(name, manifest.get("metrics")),
+        metrics=headline_metrics(name, manifest.get("metrics")), pipeline=manifest.get("pipeline"),
     )  # fmt: skip
 
 
@@ -109,7 +111,7 @@ def run_status(run_dir: str | Path, pipeline: str | None = None) -> RunStatus:
     lock = RunLock(run_dir)
     holder = lock.holder()
     found = {name: judge_stage(run_dir, name, holder is not None) for name in STAGES}
-    recorded = sorted({str(m["pipeline"]) for name in STAGES if (m := safe_manifest(run_dir / name)) and m.get("pipeline")})
+    recorded = sorted({str(row.pipeline) for row in found.values() if row is not None and row.pipeline})
     status = RunStatus(str(run_dir), pipeline, [], lock.in_use(holder) if holder is not None else None, recorded_pipelines=recorded)
     if pipeline is None:
         status.stages = [row for row in found.values() if row is not None]
@@ -134,6 +136,10 @@ def run_status(run_dir: str | Path, pipeline: str | None = None) -> RunStatus:
                 row.status, row.reason = "stale", decision.why
             row.next = next_action(decision)
         status.stages.append(row)
+    for name, row in found.items():  # what the run directory holds beyond the pipeline: the run leaves it alone
+        if row is not None and name not in stages:
+            row.next = "none (not in the pipeline)"
+            status.stages.append(row)
     return status
 
 
@@ -144,14 +150,6 @@ def next_action(decision) -> str:
     if decision.resume.startswith("resume"):
         return decision.resume
     return f"run; {decision.resume}" if decision.resume else "run"
-
-
-def safe_manifest(folder: Path) -> dict | None:
-    """The complete manifest of `folder`, None if there is none or it is unreadable (judged elsewhere)."""
-    try:
-        return complete_manifest(folder)
-    except ArtifactError:
-        return None
 
 
 def format_status(status: RunStatus) -> str:

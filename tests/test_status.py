@@ -166,12 +166,13 @@ def test_against_a_pipeline_every_stage_in_run_order_with_stale_and_what_the_run
     assert "rlhf run would stop: stage 'tokenizer'" in format_status(status)
 
 
-def test_a_stage_of_the_pipeline_not_in_the_run_directory_is_not_run(tmp_path) -> None:
+def test_pipeline_stages_not_in_the_run_directory_are_not_run_and_others_are_listed_after(tmp_path) -> None:
     pipeline = str(write_tiny_sft(tmp_path))
-    (tmp_path / "run").mkdir()
+    make_stage(tmp_path / "run", "dpo")
     found = rows(tmp_path / "run", pipeline)
     assert {name: (row.status, row.reason, row.next) for name, row in found.items()} == {
-        name: ("not run", "never ran", "run") for name in ("tokenizer", "pretrain", "sft")
+        **{name: ("not run", "never ran", "run") for name in ("tokenizer", "pretrain", "sft")},
+        "dpo": ("complete", "2 outputs match their recorded sha256", "none (not in the pipeline)"),
     }
 
 
@@ -217,3 +218,18 @@ def test_status_imports_neither_torch_nor_transformers(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"codes": [0, 0], "heavy": []}, result.stdout
+
+
+def test_a_complete_stage_whose_upstream_reruns_is_stale_saying_so(tmp_path) -> None:
+    pipeline = str(write_tiny_sft(tmp_path))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    changed = load_pipeline(pipeline, ["stages.tokenizer.vocab_size=400"])
+    stage_fingerprint, facts = fingerprint(changed, "tokenizer", run_dir)
+    make_stage(run_dir, "tokenizer", fingerprint=stage_fingerprint, **facts)
+    stage_fingerprint, facts = fingerprint(changed, "pretrain", run_dir)  # pretrain's own settings are unchanged
+    make_stage(run_dir, "pretrain", fingerprint=stage_fingerprint, **facts)
+    found = rows(run_dir, pipeline)
+    assert found["tokenizer"].reason == "config changed: vocab_size 400 -> 320"
+    assert found["pretrain"].status == "stale" and found["pretrain"].next == "run"
+    assert found["pretrain"].reason.startswith("upstream tokenizer runs first (tokenizer: config changed: vocab_size 400 -> 320)")
