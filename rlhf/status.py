@@ -28,12 +28,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.artifacts import CHECKPOINTS, MANIFEST, RunLock, aside_dir, building_dir, complete_manifest, verify_outputs
 from rlhf.checkpoints import newest_checkpoint
 from rlhf.errors import ArtifactError, UserError
 from rlhf.stages import STAGES, headline_metrics, stage_order
+
+if TYPE_CHECKING:
+    from rlhf.pipeline import Decision
 
 
 @dataclass
@@ -143,7 +146,7 @@ def run_status(run_dir: str | Path, pipeline: str | None = None) -> RunStatus:
     return status
 
 
-def next_action(decision) -> str:
+def next_action(decision: Decision) -> str:
     """A `rlhf.pipeline.Decision` in a word or two: skip, run (from scratch, and why not resumed), or where it resumes."""
     if not decision.runs:
         return "skip"
