@@ -124,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_flags(chat, temperature=0.7, top=True)
     chat.set_defaults(handler=commands.cmd_chat)
 
+    status = subparsers.add_parser(
+        "status", help="each stage's status (complete, partial, corrupted, stale), times, headline metrics and what `rlhf run` would do",
+        description="A table of a run directory's stages: complete, partial (with its last complete checkpoint), corrupted "
+        "(an output or manifest that no longer matches) or, against a pipeline file, stale, with the reason, times and "
+        "headline metrics. With PIPELINE.yaml, every stage of it in run order and what `rlhf run PIPELINE.yaml --run-dir "
+        "RUN_DIR` would do next. Reads only: no lock, no files written.",
+    )  # fmt: skip
+    status.add_argument("run_dir", metavar="RUN_DIR", help="the run's artifact directory (e.g. runs/demo); wins over the pipeline's run_dir")
+    status.add_argument("pipeline", nargs="?", metavar="PIPELINE.yaml",
+                        help="judge the stages against this pipeline: what is stale, and what `rlhf run` would do next")  # fmt: skip
+    status.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    status.set_defaults(handler=commands.cmd_status)
+
     plot = subparsers.add_parser("plot", help="draw every stage's metrics into PNG curves (<run_dir>/plots/)")
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.set_defaults(handler=commands.cmd_plot)

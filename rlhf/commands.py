@@ -254,6 +254,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply or " "})
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from rlhf.status import format_status, run_status, status_json  # no torch: status answers in well under 2 s
+
+    status = run_status(args.run_dir, args.pipeline)
+    print(status_json(status) if args.json else format_status(status))
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from rlhf.errors import UserError
 

@@ -24,7 +24,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, NamedTuple
 
 import yaml
 
@@ -223,12 +223,39 @@ def describe_plan(
 
     # 2. The plan: what runs and why. A stage whose upstream runs first is judged against that too.
     lines += ["", f"plan for {run_dir}:"]
+    lines += [f"  {name}: {decision}" for name, decision in stage_decisions(config, stages, run_dir, forced, start).items()]
+
+    # 3. The checks the run makes before training, in its order: inputs, lock, interrupted swaps, recorded outputs.
+    check_lines, error = plan_checks(config, stages, run_dir, forced)
+    lines += ["", "checks:", *check_lines, "", f"the run would stop: {error}" if error else "every check passed"]
+    return lines, error
+
+
+class Decision(NamedTuple):
+    """What a run would do with one planned stage, and why, as the dry run words it."""
+
+    runs: bool
+    why: str
+    """For a skip, 'up to date (finished ...)'; for a run, its reasons, or the upstream stages that run first."""
+    resume: str = ""
+    """Where a build would start ('resume from checkpoint step 40 in .sft.building/', 'from scratch (...)'), or ''."""
+
+    def __str__(self) -> str:
+        return f"{'run' if self.runs else 'skip'}: {self.why}" + (f"; {self.resume}" if self.resume else "")
+
+
+def stage_decisions(
+    config: PipelineConfig, stages: list[str], run_dir: Path, forced: set[str], start: str | None = None
+) -> dict[str, Decision]:
+    """Planned stage -> what `run_pipeline` would do with it (writing nothing). A stage whose upstream runs
+    first runs too, unless that upstream's outputs come out identical (the run re-judges it then)."""
+    decisions: dict[str, Decision] = {}
     rebuilt: dict[str, tuple[str, str]] = {}  # stage that runs -> (the stage whose change causes it, what changed)
     for name in stages:
         reasons, stage_fingerprint = run_reasons(config, name, run_dir, forced, start, rebuilt)
         first = [parent for parent in stage_module(name).upstream(config.stages[name]) if parent in rebuilt]
         if not reasons and not first:
-            lines.append(f"  {name}: skip: up to date (finished {read_manifest(run_dir / name).get('finished')})")
+            decisions[name] = Decision(False, f"up to date (finished {read_manifest(run_dir / name).get('finished')})")
             continue
         rebuilt[name] = (name, "; ".join(reasons)) if reasons else rebuilt[first[0]]
         causes: dict[str, list[str]] = {}
@@ -237,10 +264,14 @@ def describe_plan(
         because = [f"upstream {', '.join(ps)} {'runs' if len(ps) == 1 else 'run'} first ({cause})" for cause, ps in causes.items()]
         unless = "" if reasons else f" (skipped after all if the outputs of {', '.join(first)} come out identical)"
         resume = "" if first else resume_note(run_dir, name, stage_fingerprint)
-        lines.append(f"  {name}: run: {'; '.join(reasons or because)}{unless}{resume}")
+        decisions[name] = Decision(True, "; ".join(reasons or because) + unless, resume)
+    return decisions
 
-    # 3. The checks the run makes before training, in its order: inputs, lock, interrupted swaps, recorded outputs.
-    lines += ["", "checks:"]
+
+def plan_checks(config: PipelineConfig, stages: list[str], run_dir: Path, forced: set[str]) -> tuple[list[str], UserError | None]:
+    """The verdict of each check the run makes before training (inputs, lock, interrupted swaps, recorded
+    outputs), and the error it would stop with (None if none). Reads only; `check_inputs` has already passed."""
+    lines = []
     for name in stages:
         module = stage_module(name)
         files = ", ".join(module.inputs(config.stages[name])) or "no data files"
@@ -265,7 +296,6 @@ def describe_plan(
             lines.append(f"  {name}: outputs: FAILED: {artifact_error(name, problem)}")
         else:
             lines.append(f"  {name}: outputs: {len(read_manifest(run_dir / name).get('outputs', {}))} files match their recorded sha256")
-    lines += ["", f"the run would stop: {error}" if error else "every check passed"]
     return lines, error
 
 
@@ -334,6 +364,6 @@ def resume_note(run_dir: Path, name: str, stage_fingerprint: str) -> str:
     if root is None or not root.is_dir():
         return ""
     if not same_fingerprint(root, stage_fingerprint):
-        return f"; from scratch (the checkpoints in {root} are of another config or inputs and are deleted)"
+        return f"from scratch (the checkpoints in {root} are of another config or inputs and are deleted)"
     done = complete_checkpoints(root)
-    return f"; resume from checkpoint step {done[-1].name.split('-')[1]} in {staging.name}/" if done else "; from scratch (no complete checkpoint)"
+    return f"resume from checkpoint step {done[-1].name.split('-')[1]} in {staging.name}/" if done else "from scratch (no complete checkpoint)"

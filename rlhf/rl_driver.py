@@ -26,15 +26,15 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 
 from rlhf.console import say
-from rlhf.data import check_prompt_rows, read_rows
 from rlhf.distributed import every_process, is_main_process, mean_over_processes, on_main, rank, world_size
 from rlhf.ppo_math import AdaptiveKLController, FixedKLController, Rollout
 from rlhf.responses import encode_prompts
+from rlhf.rl_inputs import RLInputs, read_inputs
 from rlhf.rl_models import RLModels, unwrapped
 
 RANK_SEED_STRIDE = 2**40
@@ -51,46 +51,6 @@ class Algorithm(Protocol):
                      generator: torch.Generator) -> tuple[Rollout, dict[str, float]]: ...  # fmt: skip
 
     def update_step(self, batch: Rollout, beta: float) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-# ----------------------------------------------------------------------------- stage declarations
-def upstream(config) -> tuple[str, ...]:
-    """Every RL stage trains the SFT policy and scores with the reward stage's model."""
-    return ("sft", "reward")
-
-
-def inputs(config) -> list[str]:
-    return [config.prompts] + ([config.eval_prompts] if config.eval_prompts else [])
-
-
-class RLInputs(NamedTuple):
-    prompts: list[Any]
-    eval_prompts: list[Any]
-    reward_functions: list[Callable]
-    judge: Callable | None
-
-
-def read_inputs(config) -> RLInputs:
-    """The checked training and held-out prompts, the extra reward functions and the judge."""
-    from rlhf.distributed import sharding
-    from rlhf.errors import ConfigError
-    from rlhf.responses import load_function
-
-    if sharding():
-        raise ConfigError(
-            f"RL stages do not run under {sharding()} sharding (sampling needs every weight in each process); "
-            "launch this stage data-parallel: torchrun, or accelerate launch without the sharding config"
-        )
-    prompts, eval_prompts = [], []
-    for name, kept in ((config.prompts, prompts), (config.eval_prompts, eval_prompts)):
-        if name:
-            rows = read_rows(name)
-            check_prompt_rows(name, rows)
-            kept += [row["prompt"] for row in rows]
-    reward_functions = [load_function(name, f"reward_functions[{i}]", probe=prompts)
-                        for i, name in enumerate(config.reward_functions)]  # fmt: skip
-    judge = load_function(config.judge, "judge", probe=eval_prompts) if config.judge else None
-    return RLInputs(prompts, eval_prompts, reward_functions, judge)
 
 
 def prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) -> list[int]:

@@ -10,7 +10,7 @@ prompt stream and seeds, checkpoints and resume, stopping, logging, held-out eva
 
 from __future__ import annotations
 
-from rlhf.rl_driver import inputs, read_inputs, upstream  # noqa: F401  (what every RL stage reads)
+from rlhf.rl_inputs import inputs, read_inputs, upstream  # noqa: F401  (what every RL stage reads; no torch)
 from rlhf.stages import StageContext
 
 DATA_PARALLEL = True
