@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = subparsers.add_parser(
         "chat", help="talk with a model interactively",
         description="Replies stream as they are generated. Line editing and history (up arrow) where Python has "
-        "readline; history is kept in ~/.rlhf_chat_history. Commands: " + commands.CHAT_COMMANDS_SUMMARY + ".",
+        f"readline; history is kept in {commands.CHAT_HISTORY_FILE}. Commands: {commands.CHAT_COMMANDS_SUMMARY}.",
     )  # fmt: skip
     chat.add_argument("model", metavar="MODEL", help="model directory (e.g. runs/demo/ppo)")
     chat.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
