@@ -273,16 +273,42 @@ def _chat_history(path: str):
     return save
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
+def _chat_reply(model, tokenizer, conversation: list[dict], args: argparse.Namespace, seed: int) -> str:
+    """The model's reply, printed as it is generated. Ctrl-C stops it and returns what was shown, which then
+    stays in the conversation as the reply; SIGTERM (`Terminated`) still ends the command."""
     import sys
 
+    from rlhf.errors import Terminated
+    from rlhf.responses import stream_response
+
+    shown: list[str] = []
+
+    def write(piece: str) -> None:  # on screen at once
+        shown.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    print("assistant> ", end="", flush=True)
+    try:
+        reply = stream_response(model, tokenizer, conversation, args.max_new_tokens, write, args.temperature, seed,
+                                top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):
+            raise
+        print("\n(stopped)")
+        return "".join(shown)
+    print()
+    return reply
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
     from rlhf.errors import Terminated
 
     _sampling(args)
     _check_policy(args, args.model)
     device = _device(args)
     from rlhf.evaluation import load_policy
-    from rlhf.responses import encode_prompts, stream_response
+    from rlhf.responses import encode_prompts
 
     model, tokenizer = load_policy(args.model, device)
     save_history = _chat_history(CHAT_HISTORY_FILE)
@@ -290,12 +316,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history: list[dict] = []
     print(f"chatting with {args.model} on {device} (context {model.config.n_positions} tokens); "
           "/help lists the commands; Ctrl-C stops a reply; /quit, Ctrl-D or Ctrl-C at the prompt ends")  # fmt: skip
-
-    def write(piece: str) -> None:  # a reply's new text, on screen at once
-        shown.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     turn = 0
     try:
         while True:
@@ -329,17 +349,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             conversation = ([{"role": "system", "content": system}] if system else []) + history
             if len(encode_prompts(tokenizer, [conversation])[0]) > model.config.n_positions - args.max_new_tokens:
                 print("(the conversation is longer than the context: the model sees only its end)")
-            shown: list[str] = []
-            print("assistant> ", end="", flush=True)
-            try:
-                reply = stream_response(model, tokenizer, conversation, args.max_new_tokens, write, args.temperature,
-                                        args.seed + turn, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
-                print()
-            except KeyboardInterrupt as stop:
-                if isinstance(stop, Terminated):
-                    raise
-                reply = "".join(shown)  # what was shown stays in the conversation
-                print("\n(stopped)")
+            reply = _chat_reply(model, tokenizer, conversation, args, seed=args.seed + turn)
             turn += 1
             history.append({"role": "assistant", "content": reply or " "})
     finally:
