@@ -61,11 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, metavar="DST", help="output directory (save_pretrained layout)")
     convert.set_defaults(handler=commands.cmd_convert)
 
+    def device_flag(command) -> None:
+        command.add_argument("--device", default="auto",
+                             help="where the model runs: auto (cuda if available, else cpu), cpu, cuda or cuda:N (default auto)")  # fmt: skip
+
     score = subparsers.add_parser("score", help="score a data file's responses (or preference pairs) with a reward model")
     score.add_argument("--reward", required=True, metavar="DIR", help="reward model directory (e.g. runs/demo/reward)")
     score.add_argument("--data", required=True, metavar="FILE", help="JSONL/JSON/Parquet/CSV: prompt + response, or chosen + rejected")
     score.add_argument("--out", metavar="FILE", help="write the rows with their scores (.jsonl or .csv)")
-    score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("--batch-size", type=int, default=32, help="texts scored together (default 32)")
+    device_flag(score)
     score.set_defaults(handler=commands.cmd_score)
 
     def sampling_flags(command, temperature: float, max_new_tokens: int = 64, top: bool = False):
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch-size", type=int, default=64, help="rows sampled together, part of the seeding (default 64)")
     compare.add_argument("--out", default="compare", metavar="DIR", help="output directory (default: compare)")
     sampling_flags(compare, temperature=1.0)
+    device_flag(compare)
     compare.set_defaults(handler=commands.cmd_compare)
 
     evaluate = subparsers.add_parser(
@@ -103,25 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
         "and corpus BLEU (sacrebleu) of the model's own responses against them.",
     )  # fmt: skip
     evaluate.add_argument("model", metavar="MODEL", help="model directory (e.g. runs/demo/sft)")
-    evaluate.add_argument("--data", required=True, metavar="FILE")
+    evaluate.add_argument("--data", required=True, metavar="FILE",
+                          help="text (.txt, or a 'text' column) or SFT data with reference answers (JSONL/JSON/Parquet/CSV)")  # fmt: skip
     evaluate.add_argument("--samples", type=int, default=0, metavar="N", help="use the first N rows (default: all)")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=int, default=32, help="rows evaluated and sampled together (default 32)")
     evaluate.add_argument("--out", metavar="FILE", help="write the results as JSON")
     sampling_flags(evaluate, temperature=0.0)
+    device_flag(evaluate)
     evaluate.set_defaults(handler=commands.cmd_eval)
 
     generate = subparsers.add_parser("generate", help="sample responses to a prompt or a prompt file")
     generate.add_argument("model", metavar="MODEL", help="model directory (e.g. runs/demo/ppo)")
     generate.add_argument("--prompt", metavar="TEXT", help="one user message")
     generate.add_argument("--prompts", metavar="FILE", help="a prompt file ('prompt' column)")
-    generate.add_argument("--out", metavar="FILE", help="write JSONL rows {prompt, response} instead of printing them")
+    generate.add_argument("--out", metavar="FILE",
+                          help="write JSONL rows {prompt, sample, response} instead of printing them (sample: 0 to N-1)")  # fmt: skip
+    generate.add_argument("--num-return-sequences", type=int, default=1, metavar="N",
+                          help="answers sampled per prompt, each a different sample (default 1)")  # fmt: skip
     sampling_flags(generate, temperature=0.7, top=True)
+    device_flag(generate)
     generate.set_defaults(handler=commands.cmd_generate)
 
-    chat = subparsers.add_parser("chat", help="talk with a model interactively")
+    chat = subparsers.add_parser(
+        "chat", help="talk with a model interactively",
+        description="Replies stream as they are generated. Line editing and history (up arrow) where Python has "
+        f"readline; history is kept in {commands.CHAT_HISTORY_FILE}. Commands: {commands.CHAT_COMMANDS_SUMMARY}.",
+    )  # fmt: skip
     chat.add_argument("model", metavar="MODEL", help="model directory (e.g. runs/demo/ppo)")
     chat.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
     sampling_flags(chat, temperature=0.7, top=True)
+    device_flag(chat)
     chat.set_defaults(handler=commands.cmd_chat)
 
     status = subparsers.add_parser(
@@ -138,12 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=commands.cmd_status)
 
     plot = subparsers.add_parser("plot", help="draw every stage's metrics into PNG curves (<run_dir>/plots/)")
-    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run's artifact directory (e.g. runs/demo)")
     plot.set_defaults(handler=commands.cmd_plot)
 
     demo = subparsers.add_parser("demo-data", help="regenerate the demo task's data files (data_samples/)")
-    demo.add_argument("out", nargs="?", default="data_samples")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("out", nargs="?", default="data_samples", metavar="OUT", help="output directory (default data_samples)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the generated data (default 0)")
     demo.set_defaults(handler=commands.cmd_demo_data)
     return parser
 
@@ -189,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
     console.configure(console.VERBOSE if getattr(args, "verbose", False) else console.QUIET if getattr(args, "quiet", False) else console.NORMAL)
     from rlhf.distributed import is_main_process, leave
-    from rlhf.errors import TrainingDiverged, UserError
+    from rlhf.errors import Terminated, TrainingDiverged, UserError
 
     def terminated(signum, frame):  # SIGTERM ends a run like Ctrl-C: lock released, checkpoints kept
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, terminated)
 

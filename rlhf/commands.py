@@ -9,6 +9,17 @@ from pathlib import Path
 
 DEFAULT_PIPELINE = "pipelines/demo.yaml"
 
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "forget the conversation and start over (the system message stays)",
+    "/system TEXT": "set the system message (empty: none) and start over",
+    "/quit": "end the chat (so do Ctrl-D and Ctrl-C at the prompt; Ctrl-C during a reply stops the reply)",
+}
+"""What `rlhf chat` understands besides a message: its /help text and its parser's description."""
+CHAT_COMMANDS_SUMMARY = ", ".join(CHAT_COMMANDS)
+CHAT_HISTORY_FILE = "~/.rlhf_chat_history"
+"""Where chat keeps its input history between sessions (readline); an unwritable file only loses the history."""
+
 
 def cmd_run(args: argparse.Namespace) -> None:
     from rlhf.config import load_pipeline
@@ -74,12 +85,13 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.out:
         _check_out(args.out)
     check_model_dir(args.reward, REWARD_MODEL, "a reward model (the reward stage's output, e.g. runs/demo/reward)")
+    device = _device(args)
     from rlhf.data import read_rows
     from rlhf.scoring import RewardScorer, check_score_rows, score_file, write_rows
 
     rows = read_rows(args.data)  # a bad data file is refused before the model loads
     check_score_rows(args.data, rows)
-    scorer = RewardScorer(args.reward, batch_size=args.batch_size)
+    scorer = RewardScorer(args.reward, device=device, batch_size=args.batch_size)
     rows, summary = score_file(scorer, args.data, rows=rows)
     if args.out:
         write_rows(rows, args.out)
@@ -134,6 +146,13 @@ def _sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--seed must be in [0, {MAX_INT}], got {args.seed}")
 
 
+def _device(args: argparse.Namespace) -> str:
+    """The torch device `--device` names, checked (it exists here) before any model loads."""
+    from rlhf.devices import resolve_device
+
+    return resolve_device(args.device)
+
+
 def _check_policy(args: argparse.Namespace, path: str) -> None:
     """Check a policy folder (the one place: `check_model_dir`) and that --max-new-tokens fits its context."""
     from rlhf.artifacts import CAUSAL_LM, check_model_dir
@@ -152,10 +171,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     _sampling(args)
     _check_out(args.out, directory=True)
+    _device(args)  # checked now; kept as named, so that the command recorded in compare.json says "auto" by omission
     settings = CompareSettings(
         prompts=args.prompts, reward=args.reward, reference=args.reference, samples=args.samples, seed=args.seed,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
         eval_data=args.eval_data, batch_size=args.batch_size,
+        device=None if args.device == "auto" else args.device,
     )  # fmt: skip
     result = compare_policies(args.policies, settings)
     print(format_table(result))
@@ -170,8 +191,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.out:
         _check_out(args.out)
     _check_policy(args, args.model)
+    device = _device(args)
     result = evaluate_model(args.model, args.data, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            seed=args.seed, batch_size=args.batch_size, samples=args.samples)  # fmt: skip
+                            seed=args.seed, batch_size=args.batch_size, samples=args.samples, device=device)  # fmt: skip
     print(format_evaluation(result))
     if args.out:
         import json
@@ -191,6 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _sampling(args)
     if (args.prompt is None) == (args.prompts is None):
         raise UserError("give --prompt TEXT or --prompts FILE")
+    if args.num_return_sequences < 1:
+        raise UserError(f"--num-return-sequences must be positive, got {args.num_return_sequences}")
     if args.out:
         _check_out(args.out)
     from rlhf.data import check_prompt_rows, read_rows
@@ -198,60 +222,139 @@ def cmd_generate(args: argparse.Namespace) -> None:
     rows = [{"prompt": args.prompt}] if args.prompt is not None else read_rows(args.prompts)
     check_prompt_rows(args.prompts or "--prompt", rows)
     _check_policy(args, args.model)
+    device = _device(args)
     from rlhf.evaluation import load_policy
     from rlhf.responses import prompt_text, sample_responses
 
-    model, tokenizer = load_policy(args.model)
+    model, tokenizer = load_policy(args.model, device)
     prompts = [row["prompt"] for row in rows]
+    n = args.num_return_sequences
     responses = sample_responses(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed,
-                                 top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+                                 top_k=args.top_k, top_p=args.top_p, copies=n)  # fmt: skip
+    answers = [responses[i * n : (i + 1) * n] for i in range(len(prompts))]  # prompt i's n samples
     if args.out:
         from rlhf.artifacts import atomic_write_text
 
-        lines = [json.dumps({"prompt": p, "response": r}, ensure_ascii=False) for p, r in zip(prompts, responses)]
+        lines = [json.dumps({"prompt": p, "sample": i, "response": r}, ensure_ascii=False)
+                 for p, group in zip(prompts, answers) for i, r in enumerate(group)]  # fmt: skip
         atomic_write_text(args.out, "\n".join(lines) + "\n")
         print(f"wrote {len(lines)} responses to {args.out}")
-    elif args.prompt is not None:
-        print(responses[0])
-    else:
-        for prompt, response in zip(prompts, responses):
-            print(f"> {prompt_text(prompt)}\n{response}\n")
+        return
+    for prompt, group in zip(prompts, answers):
+        numbered = group if n == 1 else [f"[{i + 1}] {r}" for i, r in enumerate(group)]
+        heading = [] if args.prompt is not None else [f"> {prompt_text(prompt)}"]
+        print("\n".join(heading + numbered) + ("" if args.prompt is not None else "\n"))
+
+
+def _chat_help() -> str:
+    return "\n".join(f"  {name:14}{what}" for name, what in CHAT_COMMANDS.items())
+
+
+def _chat_history(path: str):
+    """readline's line editing and history for `input()`, loaded from `path`; returns a function that saves
+    the history, or None where Python has no readline (then `input()` is plain, as on Windows)."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    file = Path(path).expanduser()
+    readline.set_history_length(1000)
+    try:
+        readline.read_history_file(file)
+    except OSError:  # no history yet, or unreadable: start empty
+        pass
+
+    def save() -> None:
+        try:
+            readline.write_history_file(file)
+        except OSError:  # a read-only home loses the history, never the chat
+            pass
+
+    return save
+
+
+def _chat_reply(model, tokenizer, conversation: list[dict], args: argparse.Namespace, seed: int) -> str:
+    """The model's reply, printed as it is generated. Ctrl-C stops it and returns what was shown, which then
+    stays in the conversation as the reply; SIGTERM (`Terminated`) still ends the command."""
+    import sys
+
+    from rlhf.errors import Terminated
+    from rlhf.responses import stream_response
+
+    shown: list[str] = []
+
+    def write(piece: str) -> None:  # on screen at once
+        shown.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    print("assistant> ", end="", flush=True)
+    try:
+        reply = stream_response(model, tokenizer, conversation, args.max_new_tokens, write, args.temperature, seed,
+                                top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):
+            raise
+        print("\n(stopped)")
+        return "".join(shown)
+    print()
+    return reply
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from rlhf.errors import Terminated
+
     _sampling(args)
     _check_policy(args, args.model)
+    device = _device(args)
     from rlhf.evaluation import load_policy
-    from rlhf.responses import encode_prompts, sample_responses
+    from rlhf.responses import encode_prompts
 
-    model, tokenizer = load_policy(args.model)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    model, tokenizer = load_policy(args.model, device)
+    save_history = _chat_history(CHAT_HISTORY_FILE)
+    system = args.system
     history: list[dict] = []
-    print(f"chatting with {args.model} (context {model.config.n_positions} tokens); /reset starts over, /quit or Ctrl-D ends")
+    print(f"chatting with {args.model} on {device} (context {model.config.n_positions} tokens); "
+          "/help lists the commands; Ctrl-C stops a reply; /quit, Ctrl-D or Ctrl-C at the prompt ends")  # fmt: skip
     turn = 0
-    while True:
-        try:
-            text = input("you> ").strip()
-        except EOFError:
-            print()
-            return
-        if text in ("/quit", "/exit"):
-            return
-        if text == "/reset":
-            history = []
-            print("(history cleared)")
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        conversation = system + history
-        if len(encode_prompts(tokenizer, [conversation])[0]) > model.config.n_positions - args.max_new_tokens:
-            print("(the conversation is longer than the context: the model sees only its end)")
-        reply = sample_responses(model, tokenizer, [conversation], args.max_new_tokens, args.temperature,
-                                 args.seed + turn, top_k=args.top_k, top_p=args.top_p)[0]  # fmt: skip
-        turn += 1
-        print(f"assistant> {reply}")
-        history.append({"role": "assistant", "content": reply or " "})
+    try:
+        while True:
+            try:
+                text = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt) as stop:
+                if isinstance(stop, Terminated):
+                    raise
+                print()
+                return
+            command, _, rest = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                return
+            if command == "/help":
+                print(_chat_help())
+                continue
+            if command == "/reset":
+                history = []
+                print("(history cleared)")
+                continue
+            if command == "/system":
+                system, history = rest.strip() or None, []
+                print(f"(system message {'set' if system else 'removed'}; history cleared)")
+                continue
+            if command.startswith("/"):
+                print(f"(unknown command {command}; /help lists them)")
+                continue
+            if not text:
+                continue
+            history.append({"role": "user", "content": text})
+            conversation = ([{"role": "system", "content": system}] if system else []) + history
+            if len(encode_prompts(tokenizer, [conversation])[0]) > model.config.n_positions - args.max_new_tokens:
+                print("(the conversation is longer than the context: the model sees only its end)")
+            reply = _chat_reply(model, tokenizer, conversation, args, seed=args.seed + turn)
+            turn += 1
+            history.append({"role": "assistant", "content": reply or " "})
+    finally:
+        if save_history is not None:
+            save_history()
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -55,6 +55,9 @@ class CompareSettings:
     batch_size: int = 64
     """Rows sampled together, each batch with its own seed (a best-of-N policy's batch holds batch_size // N
     prompts); part of the seeding, so reproducing a comparison needs the same value."""
+    device: str | None = None
+    """Torch device the models run on (`rlhf.devices.resolve_device`); None: cuda if available, else cpu.
+    CPU and CUDA draw different random numbers from the same seed."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def command_line(policies: list[str], settings: CompareSettings, out: str | None
     """The `rlhf compare` command that reproduces a comparison."""
     default = CompareSettings(prompts="", reward="")
     parts = ["rlhf", "compare", *policies, "--reward", settings.reward, "--prompts", settings.prompts]
-    for name in ("reference", "samples", "seed", "max_new_tokens", "temperature", "judge", "eval_data", "batch_size"):
+    for name in ("reference", "samples", "seed", "max_new_tokens", "temperature", "judge", "eval_data", "batch_size", "device"):
         value = getattr(settings, name)
         if value != getattr(default, name) or name == "seed":
             parts += [f"--{name.replace('_', '-')}", str(value)]
@@ -145,11 +148,11 @@ def load_prompts(settings: CompareSettings) -> tuple[list[list[dict]], list[str 
 def compare_policies(policies: list[str], settings: CompareSettings, progress: bool = True) -> dict[str, Any]:
     """Sample every policy (a directory or `DIR@best-of-N`) on the same prompts and measure it;
     returns the comparison as plain data."""
-    import torch
-    from rlhf.console import progress_bar
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
+    from rlhf.console import progress_bar
+    from rlhf.devices import resolve_device
     from rlhf.evaluation import answer_token_stats, best_of_n_kl, sample_policy
     from rlhf.responses import load_function
     from rlhf.stages import A_POLICY
@@ -170,7 +173,7 @@ def compare_policies(policies: list[str], settings: CompareSettings, progress: b
     judge = load_function(settings.judge, "--judge", probe=prompts) if settings.judge else None
 
     # 2. The frozen models every policy is measured with.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(settings.device)
     tokenizer = AutoTokenizer.from_pretrained(specs[0].path)
     reward = AutoModelForSequenceClassification.from_pretrained(settings.reward).to(device).eval()
     reference = AutoModelForCausalLM.from_pretrained(settings.reference).to(device).eval() if settings.reference else None

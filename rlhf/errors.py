@@ -17,6 +17,11 @@ class ArtifactError(UserError):
     """A run directory whose artifacts are missing, corrupted or in use."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that it ends a run the same way;
+    a handler that lets Ctrl-C only stop the current step (chat's reply) lets this one through."""
+
+
 class TrainingDiverged(Exception):
     """Training produced only NaN or inf updates for too long, or final weights holding a NaN or inf;
     the last good checkpoint and the stage's previous complete output are kept. The CLI exits 1."""

@@ -191,19 +191,21 @@ def text_token_stats(model, tokenizer, documents: list[str], batch_size: int = 3
 
 
 def load_policy(path, device: str | None = None):
-    """(causal LM in eval mode, its tokenizer) from a save_pretrained folder of ours."""
+    """(causal LM in eval mode, its tokenizer) from a save_pretrained folder of ours, on `device`
+    (a `resolve_device` name; None: cuda if available, else cpu)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import rlhf.model  # noqa: F401  (registers the Auto classes)
     from rlhf.artifacts import CAUSAL_LM, check_model_dir
+    from rlhf.devices import resolve_device
 
     check_model_dir(path, CAUSAL_LM, "a policy (the pretrain, sft or ppo stage's output)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def evaluate_model(model_dir, data, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-                   batch_size: int = 32, samples: int = 0) -> dict[str, Any]:  # fmt: skip
+                   batch_size: int = 32, samples: int = 0, device: str | None = None) -> dict[str, Any]:  # fmt: skip
     """`rlhf eval`: perplexity and next-token accuracy on text or reference answers; BLEU of the
     model's responses (greedy at temperature 0) against the references."""
     from pathlib import Path
@@ -216,7 +218,7 @@ def evaluate_model(model_dir, data, max_new_tokens: int = 64, temperature: float
     path = Path(data)
     rows = None if path.suffix == ".txt" else read_rows(path)
     is_text = rows is None or ("text" in rows[0] and not {"prompt", "messages"} & set(rows[0]))
-    model, tokenizer = load_policy(model_dir)
+    model, tokenizer = load_policy(model_dir, device)
     result: dict[str, Any] = {"model": str(model_dir), "data": str(data)}
     if is_text:
         documents = read_text_documents([str(path)])

@@ -11,6 +11,7 @@ Shapes: B batch, P prompt length (left-padded), N max new tokens, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -140,11 +141,15 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    on_token: Callable[[torch.LongTensor], None] | None = None,
 ) -> GenerationResult:
     """Sample continuations of left-padded prompts input_ids (B, P) with attention_mask (B, P).
 
     `model` is a causal LM taking `(input_ids, attention_mask, position_ids, cache, logits_to_keep)`
     (ours, or a PEFT wrapper of it). Each row stops after its first EOS; later slots hold pad.
+    `on_token`, if given, receives each step's tokens (B,) (pad for rows already stopped) as soon as
+    they are sampled, so that a caller can stream them; it draws no random numbers, so sampling is
+    the same with it or without.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -178,6 +183,8 @@ def generate(
         logprobs[:, step] = token_logprobs.masked_fill(finished, 0.0)
         finished |= tokens == eos_token_id
         steps = step + 1
+        if on_token is not None:
+            on_token(tokens)
         if steps == max_new_tokens or bool(finished.all()):
             break
         logits = model(

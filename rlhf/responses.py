@@ -48,18 +48,26 @@ def sample_batch(
     copies: int = 1,
     top_k: int = 0,
     top_p: float = 1.0,
+    on_token: Callable[[torch.LongTensor], None] | None = None,
 ) -> GenerationResult:
     """The one batched sampler: each token prompt `copies` times in adjacent rows, left-padded, answered
     by our KV-cache engine. A prompt longer than the context less `max_new_tokens` keeps its end, where
-    the question is (the RL stages count such prompts up front). Temperature 0 is greedy."""
+    the question is (the RL stages count such prompts up front). Temperature 0 is greedy. `on_token`
+    receives each step's tokens (B,) as they are sampled (`generate`)."""
     device = next(model.parameters()).device
     limit = model.config.n_positions - max_new_tokens
     rows = [tokens[-limit:] for tokens in prompt_tokens for _ in range(copies)]
     ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
     return generate(
         model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, on_token=on_token,
     )  # fmt: skip
+
+
+def seeded_generator(model, seed: int) -> torch.Generator:
+    """The random stream `sample_responses` and `stream_response` draw from: on the model's device, so
+    that a seed means the same answers in both."""
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
 def sample_responses(
@@ -72,16 +80,60 @@ def sample_responses(
     batch_size: int = 64,
     top_k: int = 0,
     top_p: float = 1.0,
+    copies: int = 1,
 ) -> list[str]:
-    """One response text per prompt; temperature 0 is greedy. Reproducible for a given seed and batch size."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    """`copies` response texts per prompt, adjacent (prompt i's are texts i * copies ... i * copies + copies - 1),
+    each a separate sample; temperature 0 is greedy. Reproducible for a given seed, batch size (prompts per
+    batch) and number of copies."""
+    generator = seeded_generator(model, seed)
     encoded = encode_prompts(tokenizer, prompts)
     texts: list[str] = []
     for start in range(0, len(encoded), batch_size):
         result = sample_batch(model, tokenizer, encoded[start : start + batch_size], max_new_tokens, temperature,
-                              generator, top_k=top_k, top_p=top_p)  # fmt: skip
+                              generator, copies=copies, top_k=top_k, top_p=top_p)  # fmt: skip
         texts += decode_responses(tokenizer, result.responses, result.response_mask)
     return texts
+
+
+def stream_response(
+    model,
+    tokenizer,
+    prompt: Any,
+    max_new_tokens: int,
+    write: Callable[[str], None],
+    temperature: float = 1.0,
+    seed: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> str:
+    """One response to `prompt`, the same as `sample_responses` gives for this seed, handed to `write` piece
+    by piece as it is generated; returns the whole text, which the pieces add up to.
+
+    Each step decodes the whole response so far and writes what is new: a token may carry only part of
+    a UTF-8 character (byte-level BPE), so text ending in the replacement character waits for the next token.
+    """
+    tokens: list[int] = []
+    shown = ""
+
+    def show(text: str) -> None:
+        nonlocal shown
+        if text.startswith(shown) and len(text) > len(shown):
+            write(text[len(shown) :])
+            shown = text
+
+    def on_token(step_tokens: torch.LongTensor) -> None:  # (1,)
+        token = int(step_tokens[0])
+        if token != tokenizer.eos_token_id:
+            tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):
+                show(text)
+
+    result = sample_batch(model, tokenizer, encode_prompts(tokenizer, [prompt]), max_new_tokens, temperature,
+                          seeded_generator(model, seed), top_k=top_k, top_p=top_p, on_token=on_token)  # fmt: skip
+    reply = decode_responses(tokenizer, result.responses, result.response_mask)[0]
+    show(reply)
+    return reply
 
 
 PROBE_PROMPTS = 2

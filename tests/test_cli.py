@@ -76,6 +76,26 @@ def test_run_help_lists_flags() -> None:
         assert flag in result.stdout, flag
 
 
+def test_every_option_of_every_command_has_help() -> None:
+    import argparse
+
+    from rlhf.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:  # the command list `rlhf --help` prints
+                    yield f"{path} {choice.dest}", choice.help
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}", action.help
+
+    found = list(walk(build_parser(), "rlhf"))
+    assert len(found) > 60 and any(name == "rlhf chat --device" for name, _ in found)  # the walk reached every level
+    assert [name for name, text in found if not (text and text.strip())] == []
+
+
 @needs_script
 def test_unknown_pipeline_file(tmp_path) -> None:
     missing = str(tmp_path / "missing.yaml")

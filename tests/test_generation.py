@@ -183,6 +183,21 @@ def test_seeded_sampling(model, prompts) -> None:
     assert not torch.equal(a.sequences, c.sequences)
 
 
+def test_on_token_streams_each_step_and_leaves_sampling_unchanged(model, prompts, greedy) -> None:
+    eos = greedy.responses[0, 2].item()  # some row stops early: its later steps stream pad
+    def run(on_token=None) -> GenerationResult:
+        gen = torch.Generator().manual_seed(3)
+        return generate(model, *prompts, max_new_tokens=N, eos_token_id=eos, pad_token_id=PAD, temperature=1.5,
+                        generator=gen, on_token=on_token)  # fmt: skip
+
+    streamed: list[torch.Tensor] = []
+    result = run(lambda tokens: streamed.append(tokens.clone()))
+    plain = run()
+    assert torch.equal(result.sequences, plain.sequences) and torch.equal(result.logprobs, plain.logprobs)
+    assert len(streamed) == result.responses.shape[1]
+    assert torch.equal(torch.stack(streamed, 1), result.responses)
+
+
 def test_generate_evaluates_in_eval_mode_and_restores_training(prompts) -> None:
     torch.manual_seed(0)
     model = randomize_(RlhfForCausalLM(make_config(dropout=0.5)))
