@@ -21,7 +21,6 @@ writes to the run directory (see `run_pipeline`).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Collection
@@ -29,8 +28,8 @@ from typing import Any, Collection
 import yaml
 
 from rlhf.artifacts import (
-    CHECKPOINTS, RunLock, aside_dir, building_dir, complete_manifest, is_complete, nonfinite_weights, now, read_manifest,
-    recover_swap, sha256_file, sha256_json, swap_in, verify_outputs, write_manifest,
+    CHECKPOINTS, RunLock, aside_dir, building_dir, complete_manifest, is_complete, nonfinite_weights, now, plain,
+    read_manifest, recover_swap, sha256_file, sha256_json, swap_in, verify_outputs, write_manifest,
 )  # fmt: skip
 from rlhf.config import PipelineConfig, fingerprinted_config, stage_config_dict
 from rlhf.distributed import is_main_process, on_main
@@ -264,11 +263,6 @@ def describe_plan(
             lines.append(f"  {name}: outputs: {len(read_manifest(run_dir / name).get('outputs', {}))} files match their recorded sha256")
     lines += ["", f"the run would stop: {error}" if error else "every check passed"]
     return lines, error
-
-
-def plain(value: Any) -> Any:
-    """`value` as JSON data (tuples become lists), as a manifest records it."""
-    return json.loads(json.dumps(value))
 
 
 def changed_keys(recorded: Any, current: Any, where: str = "") -> list[str]:
