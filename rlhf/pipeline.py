@@ -34,6 +34,7 @@ from rlhf.artifacts import (
 from rlhf.config import PipelineConfig, fingerprinted_config, stage_config_dict
 from rlhf.distributed import is_main_process, on_main
 from rlhf.errors import ArtifactError, ConfigError, DataError, TrainingDiverged, UserError
+from rlhf.model_card import command_line, write_card
 from rlhf.stages import STAGES, StageContext, stage_module, stage_order
 
 
@@ -144,11 +145,13 @@ def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str])
 
 
 def finish_stage(run_dir: Path, name: str, manifest: dict) -> None:
-    """Mark the staging folder of stage `name` complete and swap it in, unless its weights hold a NaN or inf."""
+    """Mark the staging folder of stage `name` complete and swap it in, unless its weights hold a NaN or inf.
+    Its model card (`rlhf.model_card`) is written just before the manifest, so a complete stage has one."""
     building = building_dir(run_dir, name)
     problem = nonfinite_weights(building)
     if problem:
         raise TrainingDiverged(f"{name}: {problem}; not marked complete (the previous {name} output, if any, is kept)")
+    write_card(building, name, manifest, command_line(manifest["pipeline"], name))
     write_manifest(building, manifest)
     swap_in(run_dir, name)
 

@@ -9,6 +9,8 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 
+from pipeline_helpers import clone, run
+from rlhf.artifacts import MODEL_CARD, read_manifest
 from rlhf.model_card import command_line, render_card
 
 PIPELINE = "pipelines/demo.yaml"
@@ -92,3 +94,24 @@ def test_card_is_deterministic_without_times() -> None:
 def test_command_line(argv, expected) -> None:
     assert command_line(PIPELINE, "ppo", argv) == expected
     assert shlex.split(expected)[0] == "rlhf"
+
+
+def test_every_stage_of_a_finished_run_has_a_card_with_its_lineage(tiny_rlhf) -> None:
+    chain = {"tokenizer": None, "pretrain": None, "sft": "pretrain", "reward": "sft", "ppo": "sft", "report": None}
+    for stage, base in chain.items():
+        text = (tiny_rlhf.run_dir / stage / MODEL_CARD).read_text(encoding="utf-8")
+        data = ModelCard(text).data.to_dict()
+        assert data.get("base_model") == base, stage
+        assert data.get("library_name") == (None if stage == "report" else "transformers"), stage
+        assert f"rlhf run {tiny_rlhf.pipeline} --only {stage}" in text
+        assert MODEL_CARD not in read_manifest(tiny_rlhf.run_dir / stage)["outputs"]
+
+
+def test_editing_a_card_leaves_the_stage_up_to_date(tiny_rlhf, tmp_path, capsys) -> None:
+    run_dir = clone(tiny_rlhf, tmp_path)
+    card = run_dir / "sft" / MODEL_CARD
+    card.write_text(card.read_text(encoding="utf-8") + "\nEdited by hand.\n", encoding="utf-8")
+    code, out, err = run(capsys, tiny_rlhf.pipeline, "--run-dir", run_dir)
+    assert code == 0, err
+    assert "[sft] up to date" in out and "running" not in out
+    assert card.read_text(encoding="utf-8").endswith("Edited by hand.\n")
