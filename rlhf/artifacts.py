@@ -56,6 +56,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def plain(value: Any) -> Any:
+    """`value` as JSON data (tuples become lists), as a manifest records it."""
+    return json.loads(json.dumps(value))
+
+
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 

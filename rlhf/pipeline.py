@@ -21,7 +21,6 @@ writes to the run directory (see `run_pipeline`).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Collection, NamedTuple
@@ -29,13 +28,14 @@ from typing import Any, Collection, NamedTuple
 import yaml
 
 from rlhf.artifacts import (
-    CHECKPOINTS, RunLock, aside_dir, building_dir, complete_manifest, is_complete, nonfinite_weights, now, read_manifest,
-    recover_swap, sha256_file, sha256_json, swap_in, verify_outputs, write_manifest,
+    CHECKPOINTS, RunLock, aside_dir, building_dir, complete_manifest, is_complete, nonfinite_weights, now, plain,
+    read_manifest, recover_swap, sha256_file, sha256_json, swap_in, verify_outputs, write_manifest,
 )  # fmt: skip
 from rlhf.config import PipelineConfig, fingerprinted_config, stage_config_dict
 from rlhf.console import say
 from rlhf.distributed import is_main_process, on_main
 from rlhf.errors import ArtifactError, ConfigError, DataError, TrainingDiverged, UserError
+from rlhf.model_card import command_line, write_card
 from rlhf.stages import STAGES, StageContext, stage_module, stage_order
 from rlhf.tracking import check_installed
 
@@ -148,11 +148,13 @@ def next_run(config: PipelineConfig, name: str, run_dir: Path, forced: set[str])
 
 
 def finish_stage(run_dir: Path, name: str, manifest: dict) -> None:
-    """Mark the staging folder of stage `name` complete and swap it in, unless its weights hold a NaN or inf."""
+    """Mark the staging folder of stage `name` complete and swap it in, unless its weights hold a NaN or inf.
+    Its model card (`rlhf.model_card`) is written just before the manifest, so a complete stage has one."""
     building = building_dir(run_dir, name)
     problem = nonfinite_weights(building)
     if problem:
         raise TrainingDiverged(f"{name}: {problem}; not marked complete (the previous {name} output, if any, is kept)")
+    write_card(building, name, manifest, command_line(manifest["pipeline"], name))
     write_manifest(building, manifest)
     swap_in(run_dir, name)
 
@@ -297,11 +299,6 @@ def plan_checks(config: PipelineConfig, stages: list[str], run_dir: Path, forced
         else:
             lines.append(f"  {name}: outputs: {len(read_manifest(run_dir / name).get('outputs', {}))} files match their recorded sha256")
     return lines, error
-
-
-def plain(value: Any) -> Any:
-    """`value` as JSON data (tuples become lists), as a manifest records it."""
-    return json.loads(json.dumps(value))
 
 
 def changed_keys(recorded: Any, current: Any, where: str = "") -> list[str]:

@@ -13,7 +13,7 @@ import os
 import socket
 import pytest
 
-from rlhf.artifacts import read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
+from rlhf.artifacts import NOT_OUTPUTS, read_manifest, read_metrics, sha256_file, sha256_json, verify_outputs
 from rlhf.config import fingerprinted_config, load_pipeline
 
 from pipeline_helpers import assert_same_weights, clone, file_hashes, hold_lock, loss_steps, manifest_bytes, run, weights
@@ -43,9 +43,9 @@ def test_run_writes_manifests_metrics_and_models(tiny_sft) -> None:
         assert manifest["seed"] == 0 and manifest["pipeline"] == tiny_sft.pipeline
         outputs = manifest["outputs"]
         assert outputs and verify_outputs(run_dir / stage, manifest) is None
-        assert not [name for name in outputs if name.startswith("checkpoints/") or name in ("metrics.jsonl", "manifest.json")]
+        assert not [name for name in outputs if name.startswith("checkpoints/") or name in NOT_OUTPUTS]
         expected = {p.relative_to(run_dir / stage).as_posix() for p in (run_dir / stage).rglob("*") if p.is_file()}
-        expected = {n for n in expected if not n.startswith("checkpoints/") and n not in ("metrics.jsonl", "manifest.json")}
+        expected = {n for n in expected if not n.startswith("checkpoints/") and n not in NOT_OUTPUTS}
         assert set(outputs) == expected
     folder = tiny_sft.folder
     assert manifests["tokenizer"]["inputs"] == {str(folder / "corpus.txt"): sha256_file(folder / "corpus.txt")}

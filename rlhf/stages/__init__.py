@@ -53,6 +53,10 @@ class Stage:
     """The output folder is a causal-LM policy that the report and `rlhf compare` can compare."""
     headline: tuple[str, ...] = ()
     """The manifest metrics that sum the stage up (`rlhf status`, model cards), in the order shown."""
+    transformers: bool = True
+    """The output folder loads with transformers' `from_pretrained` (a model, or the tokenizer); the report's does not."""
+    tags: tuple[str, ...] = ()
+    """Model-card tags beyond 'rlhf', the stage's name and, for a policy, 'text-generation' (`rlhf.model_card`)."""
 
 
 RL_HEADLINE = ("eval_judge_sft", "eval_judge", "eval_rm_score", "eval_kl", "iterations")
@@ -61,13 +65,13 @@ STAGES: dict[str, Stage] = {
     "tokenizer": Stage(TokenizerConfig, "rlhf.stages.tokenizer", headline=("vocab_size", "characters")),
     "pretrain": Stage(PretrainConfig, "rlhf.stages.pretrain", policy=True, headline=("eval_loss", "eval_perplexity", "eval_accuracy", "steps")),
     "sft": Stage(SFTConfig, "rlhf.stages.sft", policy=True, headline=("eval_loss", "eval_accuracy", "judge_before", "judge_after", "steps")),
-    "reward": Stage(RewardConfig, "rlhf.stages.reward", headline=("eval_accuracy", "eval_margin", "steps")),
+    "reward": Stage(RewardConfig, "rlhf.stages.reward", headline=("eval_accuracy", "eval_margin", "steps"), tags=("reward-model", "text-classification")),
     "dpo": Stage(DPOStageConfig, "rlhf.stages.dpo", policy=True, headline=("eval_accuracy", "eval_margin", "judge_before", "judge_after", "steps")),
     "ppo": Stage(PPOConfig, "rlhf.stages.ppo", policy=True, headline=RL_HEADLINE),
     "grpo": Stage(GRPOConfig, "rlhf.stages.critic_free", policy=True, headline=RL_HEADLINE),
     "rloo": Stage(RLOOConfig, "rlhf.stages.critic_free", policy=True, headline=RL_HEADLINE),
     "reinforce_pp": Stage(ReinforcePPConfig, "rlhf.stages.critic_free", policy=True, headline=RL_HEADLINE),
-    "report": Stage(ReportConfig, "rlhf.stages.report"),
+    "report": Stage(ReportConfig, "rlhf.stages.report", transformers=False),
 }
 """Every stage, in declaration order: the order that breaks ties between stages that do not depend
 on each other, and the order in which the report and `rlhf plots` list them."""
