@@ -47,10 +47,11 @@ def configure(verbosity: int) -> None:
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ["DATASETS_VERBOSITY"] = "error"
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    if "transformers" in sys.modules:
+    if "transformers" in sys.modules:  # (`python -m rlhf.cli` imports it first, through `import rlhf`)
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
     if "datasets" in sys.modules:
         import datasets
 

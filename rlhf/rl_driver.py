@@ -290,8 +290,7 @@ class RLRun:
         finally:
             if bar is not None:
                 bar.close()
-            with tracking.quietly():
-                self.accelerator.end_training()
+            tracking.finish(self.accelerator.trackers)  # not `end_training`: it also ends the process group
 
     # 6. Evaluate and save.
     def finish(self) -> dict:

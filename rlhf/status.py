@@ -164,14 +164,17 @@ def format_status(status: RunStatus) -> str:
     if not status.stages:
         lines.append("no stage has started here")
     else:
-        header = ["stage", "status", "finished", "took", *(["next"] if status.pipeline else []), "reason", "metrics"]
+        header = ["stage", "status", "finished", "took", *(["next"] if status.pipeline else []), "headline metrics"]
         table = [header] + [
             [row.stage, row.status, short_time(row.finished), f"{row.seconds:.1f} s" if row.seconds is not None else "",
-             *([row.next or ""] if status.pipeline else []), "; ".join([row.reason, *row.notes]), format_metrics(row.metrics)]
+             *([row.next or ""] if status.pipeline else []), format_metrics(row.metrics)]
             for row in status.stages
         ]  # fmt: skip
         widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip() for cells in table]
+        # Why, for every stage that is not simply complete (a complete one's outputs all match their hashes).
+        why = [f"  {row.stage}: {'; '.join([row.reason, *row.notes])}" for row in status.stages if row.status != "complete" or row.notes]
+        lines += ["why:", *why] if why else []
     if status.lock:
         lines.append(f"lock: {status.lock}")
     elif status.stop:

@@ -135,7 +135,7 @@ def test_max_seconds_stops_training_early_and_the_stage_completes(base, tmp_path
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "dpo", "stages.dpo.max_seconds=1e-3",
                          "stages.dpo.judge=", "stages.dpo.eval_prompts=")  # fmt: skip
     assert code == 0, err[-3000:]
-    assert "dpo: max_seconds 0.001 reached; stopped after step 1" in out
+    assert "[dpo] max_seconds 0.001 reached; stopped after step 1" in out
     manifest = read_manifest(run_dir / "dpo")
     assert manifest["status"] == "complete" and manifest["metrics"]["steps"] == 1 < DPO_STEPS
     assert (run_dir / "dpo" / "model.safetensors").is_file()

@@ -120,7 +120,7 @@ def test_signal_saves_a_checkpoint_and_the_same_command_resumes(tiny_sft, tmp_pa
     name = signal.Signals(signum).name
     checkpoint = building_dir(run_dir, "pretrain") / "checkpoints" / "checkpoint-4"
     assert code == 130, err[-3000:]
-    assert f"{name} received" in err and f"pretrain: stopped by {name}; saved {checkpoint}" in err
+    assert f"{name} received" in err and f"[pretrain] stopped by {name}; saved {checkpoint}" in err
     assert err.strip().splitlines()[-1].startswith("interrupted; "), "the CLI's last word says how to resume"
     assert (checkpoint / "trainer_state.json").is_file() and not (checkpoint.parent / "checkpoint-5").exists()
     assert read_manifest(run_dir / "pretrain") is None and not (run_dir / ".lock").exists()

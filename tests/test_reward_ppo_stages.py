@@ -168,7 +168,7 @@ def test_ppo_normalises_scores_under_the_sft_policys_ppo_samples(base) -> None:
     assert 2 <= figures["score_norm_samples"] <= 32 and figures["score_norm_std"] > 0
     assert {key: metrics[key] for key in figures} == figures
     assert not any(key in row for row in rows[1:] for key in figures), "logged once, in the first row"
-    assert f"ppo: scores normalised over {figures['score_norm_samples']} of 32 SFT-policy responses" in base.out
+    assert f"[ppo] scores normalised over {figures['score_norm_samples']} of 32 SFT-policy responses" in base.out
     state = json.loads((base.run_dir / "ppo" / "checkpoints" / "step-2" / "state.json").read_text())
     saved = state["score_normalisation"]
     assert (saved["mean"], saved["std"], saved["samples"], saved["responses"]) == (*figures.values(), 32)
@@ -253,7 +253,7 @@ def test_sigterm_saves_a_checkpoint_after_the_iteration_and_resumes(base, tmp_pa
         at_rl_update(patch, 3, lambda: signal.raise_signal(signal.SIGTERM))
         code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
     checkpoint = building_dir(run_dir, "ppo") / "checkpoints" / "step-3"
-    assert code == 130 and f"ppo: stopped by SIGTERM; saved {checkpoint}" in err, err[-3000:]
+    assert code == 130 and f"[ppo] stopped by SIGTERM; saved {checkpoint}" in err, err[-3000:]
     assert (checkpoint / "state.json").is_file() and read_manifest(run_dir / "ppo") is None
     code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "ppo")
     assert code == 0 and f"resuming from {checkpoint}" in out, err[-3000:]

@@ -97,7 +97,7 @@ def test_bad_settings_stop_with_one_line_and_change_nothing(tiny_rlhf, tmp_path,
 def test_max_seconds_stops_after_the_iteration_that_reaches_it(trained, tmp_path, capsys) -> None:
     run_dir = clone(trained, tmp_path)
     code, out, err = run(capsys, trained.pipeline, "--run-dir", run_dir, "--only", "rloo", "stages.rloo.max_seconds=0.001")
-    assert code == 0 and "rloo: stopped after iteration 1 of 4: max_seconds 0.001 reached" in out, err[-2000:]
+    assert code == 0 and "[rloo] stopped after iteration 1 of 4: max_seconds 0.001 reached" in out, err[-2000:]
     assert [row["step"] for row in read_metrics(run_dir / "rloo")] == [1]
     assert read_manifest(run_dir / "rloo")["metrics"]["iterations"] == 1
 

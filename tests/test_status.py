@@ -76,7 +76,7 @@ def test_table_columns_are_aligned(tmp_path) -> None:
     lines = format_status(run_status(run_dir)).splitlines()
     header = lines[1]
     for line in lines[2:4]:
-        for column in ("status", "finished", "took", "reason", "metrics"):
+        for column in ("status", "finished", "took", "headline metrics"):
             start = header.index(column)
             assert line[start - 2 : start] == "  " and line[start] != " ", (column, line)
 
@@ -90,6 +90,10 @@ def test_modified_output_and_unreadable_manifest_are_corrupted_naming_the_file(t
     assert found["sft"].status == "corrupted" and "sft/model.safetensors was modified or corrupted" in found["sft"].reason
     assert found["reward"].status == "corrupted" and "reward/manifest.json is unreadable" in found["reward"].reason
     assert found["pretrain"].status == "corrupted" and "pretrain/config.json is missing" in found["pretrain"].reason
+    table = format_status(run_status(run_dir)).splitlines()
+    why = [line for line in table[table.index("why:") + 1 :] if line.startswith("  ")]
+    assert [line.split(":")[0].strip() for line in why] == ["pretrain", "sft", "reward"], "each stage not simply complete, in order"
+    assert "sft/model.safetensors was modified or corrupted" in why[1]
 
 
 def test_interrupted_builds_are_partial_with_their_last_complete_checkpoint(tmp_path) -> None:

@@ -78,11 +78,11 @@ on each other, and the order in which the report and `rlhf plots` list them."""
 
 def headline_metrics(name: str, metrics: dict | None) -> dict[str, Any]:
     """The headline metrics (`Stage.headline`) that a stage's manifest metrics hold, in the registry's order.
-    The report stage's are every `<policy>_judge` and `<policy>_win_rate` it measured."""
+    The report stage's are the gold judge's score of every policy it compared (`<policy>_judge`)."""
     metrics = metrics or {}
     keys = STAGES[name].headline if name in STAGES else ()
     if name == "report":
-        keys = tuple(key for key in metrics if key.endswith(("_judge", "_win_rate")))
+        keys = tuple(key for key in metrics if key.endswith("_judge"))
     return {key: metrics[key] for key in keys if metrics.get(key) is not None}
 
 
