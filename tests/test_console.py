@@ -119,3 +119,18 @@ def test_below_verbose_transformers_and_datasets_log_only_errors(monkeypatch) ->
 @pytest.mark.parametrize("value, expected", [(0.5, "0.5"), (1e-4, "1.00e-04"), (12345.0, "1.23e+04"), (7, "7"), (0.0, "0")])
 def test_numbers_are_short(value, expected) -> None:
     assert console.number(value) == expected
+
+
+def test_configured_before_the_libraries_load_they_start_quiet() -> None:
+    # the CLI's order: configure first, transformers and datasets imported later by the stages
+    script = (
+        "import logging; from rlhf import console; console.configure(console.NORMAL); "
+        "import transformers, datasets; "
+        "assert transformers.logging.get_verbosity() == logging.ERROR, 'transformers'; "
+        "assert datasets.logging.get_verbosity() == logging.ERROR, 'datasets'; "
+        "assert not datasets.is_progress_bar_enabled(), 'datasets bars'; "
+        "console.configure(console.VERBOSE); print('ok')"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
