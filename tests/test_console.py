@@ -124,7 +124,8 @@ def test_numbers_are_short(value, expected) -> None:
 def test_configured_before_the_libraries_load_they_start_quiet() -> None:
     # the CLI's order: configure first, transformers and datasets imported later by the stages
     script = (
-        "import logging; from rlhf import console; console.configure(console.NORMAL); "
+        "import logging, sys; sys.argv[0] = 'rlhf'; from rlhf import console; "  # as the console script: no model import yet
+        "assert 'transformers' not in sys.modules; console.configure(console.NORMAL); "
         "import transformers, datasets; "
         "assert transformers.logging.get_verbosity() == logging.ERROR, 'transformers'; "
         "assert datasets.logging.get_verbosity() == logging.ERROR, 'datasets'; "
