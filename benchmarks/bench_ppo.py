@@ -1,33 +1,52 @@
-"""PPO throughput on the demo model: episodes per second and the generation / scoring / update split.
+"""PPO throughput: episodes per second and the generation / scoring / update split, at the demo's shape
+or at several sizes and response lengths.
 
-Builds the demo pipeline's shapes (decoder and reward model of `pipelines/demo.yaml`, random
-weights, random prompts of the demo's length), then times PPO iterations with the demo's PPO
-settings. As a baseline measured in the same run it also times the rollout generation with
-transformers' `generate` on the same weights converted to GPT-2, the path a PPO loop would take
-without our engine. The last line is machine-readable:
+Three ways to run it:
+
+- default: the demo's shapes (decoder and reward model of `pipelines/demo.yaml`, random weights, random
+  prompts of the demo's length) with the demo's PPO settings; no response ever stops (EOS is never
+  sampled: every iteration generates the full `max_new_tokens`, the worst case). As a baseline measured
+  in the same run it also times the rollout generation with transformers' `generate` on the same
+  weights converted to GPT-2, the path a PPO loop would take without our engine. This is the side of
+  `../shared/bench/trl-ppo-1.12/` (TRL 1.12's PPOTrainer) without `--stop-at-eos`.
+- `--run-dir runs/demo`: the trained demo models (SFT policy and reference, reward model and a value
+  model from it), the demo's PPO prompts and tokenizer: responses stop at EOS, as in a real run (the
+  side of that harness with `--stop-at-eos`).
+- `--sizes`: the scaling table. Episodes/s and the split at three model sizes (the demo's; ~14M: 6
+  layers, 384 wide; GPT-2 small: 12 layers, 768 wide, vocabulary 50,257) and three response lengths
+  (16, 64, 256), random weights, full-length responses, fewer episodes per iteration at the larger
+  sizes (printed), so the table shows how cost grows with each.
+
+The last line of a single run is machine-readable:
 
     RESULT episodes_per_second=<x> generate_share=<g> score_share=<s> update_share=<u> engine_vs_hf_generate=<r>
 
-Run: python benchmarks/bench_ppo.py [--pipeline pipelines/demo.yaml] [--iterations 5]
+Run: python benchmarks/bench_ppo.py [--pipeline pipelines/demo.yaml] [--iterations 5] [--run-dir runs/demo | --sizes]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import rlhf  # noqa: F401
 from rlhf.config import load_pipeline
-from rlhf.convert import rlhf_to_gpt2
 from rlhf.model import RlhfConfig, RlhfForCausalLM, RlhfForSequenceClassification
 from rlhf.ppo import PPO
+from rlhf.ppo_math import FixedKLController
 from rlhf.rl_models import RLModels
 from rlhf.rl_training import update
-from rlhf.ppo_math import FixedKLController
+
+SPLITS = {"time_generate": "generation", "time_score": "scoring (reward, reference, values)", "time_update": "update"}
+SIZES = {"demo": None, "14M": (6, 6, 384, 1024), "gpt2-small": (12, 12, 768, 50257)}
+"""Size -> (layers, heads, width, vocabulary); None: the pipeline's pretrain shape and the demo vocabulary."""
+LENGTHS = (16, 64, 256)
 
 
 class _Tokens:
@@ -35,68 +54,136 @@ class _Tokens:
     eos_token_id = -1  # never sampled: every iteration generates the full max_new_tokens (the worst case)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", default="pipelines/demo.yaml")
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--vocab", type=int, default=700, help="the demo tokenizer's size, about")
-    parser.add_argument("--prompt-len", type=int, default=12, help="the demo prompts' length in tokens, about")
-    args = parser.parse_args()
+def random_models(config: RlhfConfig) -> RLModels:
+    policy, reference = RlhfForCausalLM(config), RlhfForCausalLM(config).eval().requires_grad_(False)
+    reward = RlhfForSequenceClassification(config).eval().requires_grad_(False)
+    value = RlhfForSequenceClassification(config)
+    return RLModels(policy=policy, value=value, reward=reward, reference=reference, tokenizer=_Tokens())
 
-    pipeline = load_pipeline(args.pipeline)
-    shape, ppo = pipeline.stages["pretrain"].model, pipeline.stages["ppo"]
-    torch.manual_seed(0)
-    config = RlhfConfig(vocab_size=args.vocab, n_positions=shape.n_positions, n_embd=shape.n_embd,
-                        n_layer=shape.n_layer, n_head=shape.n_head, pad_token_id=0, eos_token_id=1)  # fmt: skip
-    policy, reference = RlhfForCausalLM(config), RlhfForCausalLM(config).eval()
-    reward, value = RlhfForSequenceClassification(config).eval(), RlhfForSequenceClassification(config)
-    models = RLModels(policy=policy, value=value, reward=reward, reference=reference, tokenizer=_Tokens())
 
+def trained_models(run_dir: Path, prompts_file: str) -> tuple[RLModels, list[list[int]]]:
+    """The demo run's SFT policy and reward model, as the PPO stage loads them, and its encoded prompts."""
+    from transformers import AutoTokenizer
+
+    from rlhf.data import read_rows
+    from rlhf.responses import encode_prompts
+    from rlhf.rl_models import load_models
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "sft")
+    models = load_models(run_dir / "sft", run_dir / "reward", tokenizer, lora=None, with_value=True)
+    prompts = encode_prompts(tokenizer, [row["prompt"] for row in read_rows(prompts_file)])
+    return models, prompts
+
+
+def measure(models: RLModels, ppo, prompts: list[list[int]], iterations: int) -> dict[str, float]:
+    """Median seconds of each phase over `iterations` PPO iterations after one warm-up (the same prompts,
+    a new sampling seed each)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value.parameters()}], lr=ppo.lr)
+    trained = [p for model in (models.policy, models.value) for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=ppo.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    prompts = [torch.randint(5, args.vocab, (args.prompt_len,)).tolist() for _ in range(ppo.rollout_batch_size)]
-    texts = [""] * len(prompts)
-    kl = FixedKLController(ppo.kl_coef)
-
-    splits = {"time_generate": [], "time_score": [], "time_update": []}
-    for iteration in range(args.iterations + 1):  # the first is warm-up
+    beta = FixedKLController(ppo.kl_coef).value
+    splits: dict[str, list[float]] = {key: [] for key in SPLITS}
+    for iteration in range(iterations + 1):  # the first is warm-up
         algorithm = PPO(models, ppo)
-        rollout, stats = algorithm.rollout_step(prompts, texts, kl.value, torch.Generator().manual_seed(iteration))
-        stats.update(update(models, algorithm, rollout, ppo, kl.value, accelerator, optimizer, schedule, torch.Generator().manual_seed(0)))
+        rollout, stats = algorithm.rollout_step(prompts, [""] * len(prompts), beta, torch.Generator().manual_seed(iteration))
+        stats.update(update(models, algorithm, rollout, ppo, beta, accelerator, optimizer, schedule, torch.Generator().manual_seed(0)))
         if iteration:
             for key in splits:
                 splits[key].append(stats[key])
     medians = {key: statistics.median(values) for key, values in splits.items()}
-    total = sum(medians.values())
+    medians["episodes_per_second"] = len(prompts) / sum(medians[key] for key in SPLITS)
+    medians["response_length"] = stats["response_length"]
+    return medians
 
-    # Baseline: the same rollouts' generation through transformers' generate on GPT-2 weights.
+
+def hf_generate_seconds(policy, prompts: list[list[int]], max_new_tokens: int) -> float:
+    """Median seconds of transformers' `generate` on the same weights as GPT-2, full-length responses."""
+    from rlhf.convert import rlhf_to_gpt2
+
     gpt2 = rlhf_to_gpt2(policy).eval()
     ids = torch.tensor(prompts)
-    hf_times = []
+    times = []
     for _ in range(3):
         start = time.perf_counter()
         with torch.no_grad():
             gpt2.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                          max_new_tokens=ppo.max_new_tokens, min_new_tokens=ppo.max_new_tokens, pad_token_id=0)  # fmt: skip
-        hf_times.append(time.perf_counter() - start)
-    hf_generate = statistics.median(hf_times)
+                          max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0)  # fmt: skip
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
+
+def print_split(result: dict[str, float]) -> None:
+    total = sum(result[key] for key in SPLITS)
+    for key, label in SPLITS.items():
+        print(f"{label:38}{result[key]:8.3f} s  {result[key] / total:6.1%}")
+    print(f"{'iteration':38}{total:8.3f} s   {result['episodes_per_second']:.1f} episodes/s "
+          f"(responses of {result['response_length']:.1f} tokens on average)")  # fmt: skip
+
+
+def scaling_table(pipeline, iterations: int) -> None:
+    """Episodes/s and the phase split at each size and response length."""
+    shape, ppo = pipeline.stages["pretrain"].model, pipeline.stages["ppo"]
+    print(f"{'size':>11} {'params':>8} {'tokens':>6} {'episodes':>8} {'episodes/s':>10} {'generate':>8} {'score':>6} {'update':>6}")
+    for size, dims in SIZES.items():
+        layers, heads, width, vocab = dims or (shape.n_layer, shape.n_head, shape.n_embd, 653)
+        for length in LENGTHS:
+            torch.manual_seed(0)
+            config = RlhfConfig(vocab_size=vocab, n_positions=length + 32, n_embd=width, n_layer=layers, n_head=heads,
+                                pad_token_id=0, eos_token_id=1)  # fmt: skip
+            models = random_models(config)
+            episodes = 64 if dims is None else 16 if size == "14M" else 8
+            settings = dataclasses.replace(ppo, rollout_batch_size=episodes, max_new_tokens=length,
+                                           minibatch_size=min(ppo.minibatch_size, episodes))  # fmt: skip
+            prompts = [torch.randint(5, vocab, (12,)).tolist() for _ in range(episodes)]
+            result = measure(models, settings, prompts, iterations)
+            total = sum(result[key] for key in SPLITS)
+            params = sum(p.numel() for p in models.policy.parameters()) / 1e6
+            print(f"{size:>11} {params:7.1f}M {length:6d} {episodes:8d} {result['episodes_per_second']:10.2f} "
+                  + " ".join(f"{result[key] / total:{width_}.0%}" for key, width_ in zip(SPLITS, (8, 6, 6))), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", default="pipelines/demo.yaml", help="the pipeline whose pretrain shape and ppo settings to use")
+    parser.add_argument("--iterations", type=int, default=5, help="timed PPO iterations, after one warm-up (default 5)")
+    parser.add_argument("--vocab", type=int, default=700, help="vocabulary of the random models (the demo tokenizer's is 653)")
+    parser.add_argument("--prompt-len", type=int, default=12, help="random prompts' length in tokens (the demo's are about 9-12)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--run-dir", type=Path, help="a finished run (e.g. runs/demo): its trained models and prompts, stopping at EOS")
+    mode.add_argument("--sizes", action="store_true", help="the scaling table: three model sizes by three response lengths")
+    args = parser.parse_args()
+
+    pipeline = load_pipeline(args.pipeline)
+    shape, ppo = pipeline.stages["pretrain"].model, pipeline.stages["ppo"]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model: {shape.n_layer} layers, {shape.n_embd} wide, {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params; "
-          f"{ppo.rollout_batch_size} episodes of {ppo.max_new_tokens} tokens per iteration, {ppo.ppo_epochs} PPO epochs")  # fmt: skip
-    for key, label in (("time_generate", "generation"), ("time_score", "scoring (reward, reference, values)"),
-                       ("time_update", "update")):  # fmt: skip
-        print(f"{label:38}{medians[key]:8.3f} s  {medians[key] / total:6.1%}")
-    print(f"{'iteration':38}{total:8.3f} s   {ppo.rollout_batch_size / total:.1f} episodes/s")
-    print(f"{'generation with transformers generate':38}{hf_generate:8.3f} s   (ours is {hf_generate / medians['time_generate']:.2f}x faster)")
-    print(
-        f"RESULT episodes_per_second={ppo.rollout_batch_size / total:.2f} generate_share={medians['time_generate'] / total:.3f} "
-        f"score_share={medians['time_score'] / total:.3f} update_share={medians['time_update'] / total:.3f} "
-        f"engine_vs_hf_generate={hf_generate / medians['time_generate']:.2f}"
-    )
+    if args.sizes:
+        scaling_table(pipeline, args.iterations)
+        return
+    if args.run_dir:
+        models, prompts = trained_models(args.run_dir, ppo.prompts)
+        prompts = prompts[: ppo.rollout_batch_size]
+    else:
+        torch.manual_seed(0)
+        config = RlhfConfig(vocab_size=args.vocab, n_positions=shape.n_positions, n_embd=shape.n_embd,
+                            n_layer=shape.n_layer, n_head=shape.n_head, pad_token_id=0, eos_token_id=1)  # fmt: skip
+        models = random_models(config)
+        prompts = [torch.randint(5, args.vocab, (args.prompt_len,)).tolist() for _ in range(ppo.rollout_batch_size)]
+    result = measure(models, ppo, prompts, args.iterations)
+    policy = models.policy
+    print(f"model: {policy.config.n_layer} layers, {policy.config.n_embd} wide, {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+          f"params; {len(prompts)} episodes of up to {ppo.max_new_tokens} tokens per iteration, {ppo.ppo_epochs} PPO epochs")  # fmt: skip
+    print_split(result)
+    total = sum(result[key] for key in SPLITS)
+    engine = "engine_vs_hf_generate=nan"
+    if not args.run_dir:  # (a stopping run generates fewer tokens than `generate` forced to full length)
+        hf = hf_generate_seconds(policy, prompts, ppo.max_new_tokens)
+        print(f"{'generation with transformers generate':38}{hf:8.3f} s   (ours is {hf / result['time_generate']:.2f}x faster)")
+        engine = f"engine_vs_hf_generate={hf / result['time_generate']:.2f}"
+    print(f"RESULT episodes_per_second={result['episodes_per_second']:.2f} generate_share={result['time_generate'] / total:.3f} "
+          f"score_share={result['time_score'] / total:.3f} update_share={result['time_update'] / total:.3f} {engine}")
 
 
 if __name__ == "__main__":

@@ -334,3 +334,23 @@ class Rollout:
         """The rows ``index`` ((M,) long, or (B,) bool) of every tensor, as a new ``Rollout``."""
         current = {f.name: getattr(self, f.name) for f in fields(self)}
         return Rollout(**{k: v[index] if isinstance(v, Tensor) else v for k, v in current.items()})
+
+    def trimmed(self) -> Rollout:
+        """The same episodes without the columns that are padding in every row: the prompts' common left
+        padding and the responses' common tail after the last stop. Every masked quantity the losses read
+        is unchanged (positions come from the attention mask), and a minibatch costs its longest real
+        sequence instead of the batch's full width. Keeps at least one response column."""
+        P, T = self.prompt_length, self.response_mask.shape[1]
+        padding = ~self.attention_mask[:, :P].bool().any(0)  # (P,): prompt columns that are padding in every row
+        lead = int(padding.long().cumprod(0).sum())
+        used = self.response_mask.any(0).nonzero()
+        keep = int(used.max()) + 1 if len(used) else 1
+        if lead == 0 and keep == T:
+            return self
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        trimmed = {k: v[:, :keep] if isinstance(v, Tensor) and v.dim() == 2 and k not in ("query_responses", "attention_mask")
+                   else v for k, v in current.items()}  # fmt: skip
+        trimmed["query_responses"] = self.query_responses[:, lead : P + keep]
+        trimmed["attention_mask"] = self.attention_mask[:, lead : P + keep]
+        trimmed["prompt_length"] = P - lead
+        return Rollout(**trimmed)

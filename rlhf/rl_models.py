@@ -122,7 +122,9 @@ def response_logprobs(model, sequences, attention_mask, prompt_length: int, temp
 
     The entropy is only logged: it is computed without gradient (no graph through its (B, T, V) terms).
     """
-    logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, prompt_length - 1 : -1]  # (B, T, V)
+    T = sequences.shape[1] - prompt_length
+    # the head only where its logits predict a response token: (B, T + 1, V), less the last position
+    logits = model(input_ids=sequences, attention_mask=attention_mask, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V)
     logits = logits.float() / temperature
     with torch.no_grad():
         entropy = entropy_from_logits(logits.detach())

@@ -89,7 +89,8 @@ def update(models: RLModels, algorithm, rollout: Rollout, config, beta: float, a
                 index = order[start + micro * config.minibatch_size : start + (micro + 1) * config.minibatch_size]
                 with gradient_sync(accelerator, models, micro == config.grad_accum - 1):
                     with accelerator.autocast():
-                        loss, stats = algorithm.update_step(rollout.select(index.to(rollout.scores.device)), beta)
+                        # each micro-batch as wide as its longest real prompt and response
+                        loss, stats = algorithm.update_step(rollout.select(index.to(rollout.scores.device)).trimmed(), beta)
                     accelerator.backward(loss / config.grad_accum)  # even a NaN one: every DDP process must take part
                 if not torch.isfinite(loss):  # its statistics count as missing (NaN), keeping every key
                     finite = False

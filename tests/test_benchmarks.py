@@ -46,3 +46,18 @@ def test_bench_qwen_memory_shape_is_qwen25_05b():
     shape = bench.QWEN25_05B
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]) == (896, 24, 14)
     assert (shape["num_key_value_heads"], shape["intermediate_size"], shape["vocab_size"]) == (2, 4864, 151936)
+
+
+def test_bench_ppo_measures_every_phase_at_a_tiny_shape():
+    import dataclasses
+
+    from rlhf.config import PPOConfig
+    from rlhf.model import RlhfConfig
+
+    bench = load("bench_ppo")
+    config = RlhfConfig(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2, pad_token_id=0, eos_token_id=1)
+    settings = dataclasses.replace(PPOConfig(prompts="p.jsonl"), rollout_batch_size=4, minibatch_size=2, max_new_tokens=6, ppo_epochs=1)
+    result = bench.measure(bench.random_models(config), settings, [[5, 6, 7]] * 4, iterations=1)
+    assert set(bench.SPLITS) <= set(result) and all(result[key] > 0 for key in bench.SPLITS)
+    assert result["response_length"] == 6, "EOS is never sampled: full-length responses"
+    assert result["episodes_per_second"] == 4 / sum(result[key] for key in bench.SPLITS)

@@ -98,6 +98,32 @@ def test_old_logprobs_are_the_training_forwards(monkeypatch) -> None:
     torch.testing.assert_close(ratios[0], torch.ones_like(ratios[0]), atol=1e-6, rtol=0)
 
 
+def test_a_trimmed_minibatch_trains_on_the_same_loss_and_gradients() -> None:
+    """Dropping the columns that are padding in every row of a minibatch changes no loss, statistic or gradient."""
+    from rlhf.ppo import PPO
+
+    models, config = tiny_ppo_models(), ppo_config()
+    rollout, _ = rollout_of(models, config)
+    lengths = rollout.attention_mask[:, : rollout.prompt_length].sum(-1)
+    minibatch = rollout.select((lengths < lengths.max()).nonzero()[:, 0])  # the shorter prompts: common left padding to drop
+    trimmed = minibatch.trimmed()
+    assert trimmed.query_responses.shape[1] < minibatch.query_responses.shape[1], "the test trims something"
+    algorithm = PPO(models, config)
+    results = []
+    for batch in (minibatch, trimmed):
+        models.policy.zero_grad(), models.value.zero_grad()
+        loss, stats = algorithm.update_step(batch, 0.1)
+        loss.backward()
+        results.append((loss.detach(), stats, [p.grad.clone() for p in models.policy.parameters()]))
+    (loss, stats, grads), (trimmed_loss, trimmed_stats, trimmed_grads) = results
+    torch.testing.assert_close(trimmed_loss, loss, atol=1e-6, rtol=1e-5)
+    assert stats.keys() == trimmed_stats.keys()
+    for key in stats:
+        assert abs(stats[key] - trimmed_stats[key]) <= 1e-5 + 1e-5 * abs(stats[key]), key
+    for grad, trimmed_grad in zip(grads, trimmed_grads):
+        torch.testing.assert_close(trimmed_grad, grad, atol=1e-6, rtol=1e-4)
+
+
 def update_statistics(models, rollout, config) -> dict:
     optimizer = torch.optim.SGD(list(models.policy.parameters()) + list(models.value.parameters()), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

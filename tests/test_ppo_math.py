@@ -343,6 +343,48 @@ def test_rollout_select_picks_rows_consistently():
     assert rollout.select(torch.tensor([False, True, False])).scores.tolist() == [1.0]
 
 
+def padded_rollout(prompt_lengths: list[int], response_lengths: list[int], P: int = 4, T: int = 5) -> Rollout:
+    """Left-padded prompts and right-padded responses (token ids: 0 pad, column number + 1 otherwise)."""
+    b = len(prompt_lengths)
+    prompt_real = torch.arange(P) >= P - torch.tensor(prompt_lengths)[:, None]  # (B, P)
+    response_mask = torch.arange(T) < torch.tensor(response_lengths)[:, None]  # (B, T)
+    attention = torch.cat([prompt_real, response_mask], 1).long()
+    per_token = torch.arange(T, dtype=torch.float32).expand(b, T).clone()
+    return Rollout(query_responses=(torch.arange(P + T) + 1) * attention, attention_mask=attention,
+                   response_mask=response_mask, logprobs=per_token, ref_logprobs=per_token + 10, values=per_token + 20,
+                   scores=torch.arange(b, dtype=torch.float32), rewards=per_token + 30, advantages=per_token + 40,
+                   returns=per_token + 50, prompt_length=P)  # fmt: skip
+
+
+def test_trimming_drops_only_columns_that_are_padding_in_every_row():
+    # prompts of 3 and 2 real tokens (1 and 2 pad columns: 1 common), responses of 2 and 3 (2 common pad columns)
+    trimmed = padded_rollout([3, 2], [2, 3]).trimmed()
+    assert trimmed.prompt_length == 3 and trimmed.query_responses.shape == (2, 6)
+    assert trimmed.query_responses.tolist() == [[2, 3, 4, 5, 6, 0], [0, 3, 4, 5, 6, 7]]
+    assert trimmed.attention_mask.sum().item() == 10, "every real token kept"
+    for name, offset in [("logprobs", 0), ("ref_logprobs", 10), ("values", 20), ("rewards", 30), ("advantages", 40), ("returns", 50)]:
+        assert getattr(trimmed, name)[0].tolist() == [0 + offset, 1 + offset, 2 + offset], name
+    assert trimmed.scores.tolist() == [0.0, 1.0]
+
+
+def test_trimming_keeps_a_full_rollout_and_at_least_one_response_column():
+    full = padded_rollout([4, 4], [5, 5])
+    assert full.trimmed() is full
+    empty = padded_rollout([2, 3], [0, 0]).trimmed()  # (no real response token: not sampled, but safe)
+    assert empty.response_mask.shape == (2, 1) and empty.prompt_length == 3
+
+
+def test_masked_losses_are_unchanged_by_trimming():
+    rollout = padded_rollout([3, 1, 2], [2, 5, 1])
+    trimmed = rollout.select(torch.tensor([0, 2])).trimmed()
+    untrimmed = rollout.select(torch.tensor([0, 2]))
+    new_logprobs = untrimmed.logprobs * 0.9
+    loss, _ = policy_loss_clipped(new_logprobs, untrimmed.logprobs, untrimmed.advantages, untrimmed.response_mask, 0.2)
+    T = trimmed.response_mask.shape[1]
+    trimmed_loss, _ = policy_loss_clipped(new_logprobs[:, :T], trimmed.logprobs, trimmed.advantages, trimmed.response_mask, 0.2)
+    assert T == 2 and torch.equal(loss, trimmed_loss)
+
+
 def test_the_config_accepts_exactly_the_kl_estimators_there_are() -> None:
     from rlhf.config.rl import KL_ESTIMATOR_NAMES
 
