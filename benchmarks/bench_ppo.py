@@ -12,6 +12,11 @@ Three ways to run it:
 - `--run-dir runs/demo`: the trained demo models (SFT policy and reference, reward model and a value
   model from it), the demo's PPO prompts and tokenizer: responses stop at EOS, as in a real run (the
   side of that harness with `--stop-at-eos`).
+- `--against-trl PEER`: the comparison with TRL 1.12's PPOTrainer, the last TRL with PPO: this script on
+  `--run-dir` (default runs/demo) and `PEER/trl_ppo_bench.py --stop-at-eos` (the harness of
+  `../shared/bench/trl-ppo-1.12/`, set up in PEER as its README says, with its own environment in
+  PEER/venv) run in turns, `--rounds` times each, each in a fresh process; prints every run's
+  episodes/s, the medians and their ratio. Both sides stop at EOS, on the same trained models.
 - `--sizes`: the scaling table. Episodes/s and the split at three model sizes (the demo's; ~14M: 6
   layers, 384 wide; GPT-2 small: 12 layers, 768 wide, vocabulary 50,257) and three response lengths
   (16, 64, 256), random weights, full-length responses, fewer episodes per iteration at the larger
@@ -145,16 +150,57 @@ def scaling_table(pipeline, iterations: int) -> None:
                   + " ".join(f"{result[key] / total:{width_}.0%}" for key, width_ in zip(SPLITS, (8, 6, 6))), flush=True)
 
 
+def result_line(text: str) -> dict[str, float]:
+    """The fields of a benchmark's last `RESULT key=value ...` line."""
+    line = [line for line in text.splitlines() if line.startswith("RESULT ")][-1]
+    return {key: float(value) for key, value in (item.split("=") for item in line.split()[1:])}
+
+
+def against_trl(args) -> None:
+    """Ours and TRL's PPOTrainer in turns (ours, TRL, ours, ...), each a fresh process on the same trained
+    models and prompts, both stopping at EOS; medians of episodes/s and their ratio."""
+    import os
+    import subprocess
+    import sys
+
+    peer = args.against_trl.resolve()
+    run_dir = args.run_dir or Path("runs/demo")
+    env = {**os.environ, "PEER": str(peer), "CLONE": str(Path.cwd()), "VENV": str(Path(sys.executable).parent.parent)}
+    sides = {
+        "rlhf": [sys.executable, __file__, "--pipeline", args.pipeline, "--run-dir", str(run_dir), "--iterations", str(args.iterations)],
+        "trl 1.12": [str(peer / "venv" / "bin" / "python"), str(peer / "trl_ppo_bench.py"), "--stop-at-eos",
+                     "--iterations", str(args.iterations), "--warmup", "1"],
+    }  # fmt: skip
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    for round_ in range(args.rounds):
+        for side, command in sides.items():
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"{side} failed:\n{done.stderr[-2000:]}")
+            rates[side].append(result_line(done.stdout)["episodes_per_second"])
+            print(f"round {round_ + 1} {side:8} {rates[side][-1]:7.2f} episodes/s", flush=True)
+    ours, theirs = (statistics.median(rates[side]) for side in sides)
+    print(f"median: rlhf {ours:.2f} episodes/s, TRL 1.12 {theirs:.2f}: rlhf is {ours / theirs:.2f}x "
+          f"(per-round ratios {', '.join(f'{a / b:.2f}' for a, b in zip(*rates.values()))})")
+    print(f"RESULT rlhf_episodes_per_second={ours:.2f} trl_episodes_per_second={theirs:.2f} speedup={ours / theirs:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default="pipelines/demo.yaml", help="the pipeline whose pretrain shape and ppo settings to use")
     parser.add_argument("--iterations", type=int, default=5, help="timed PPO iterations, after one warm-up (default 5)")
     parser.add_argument("--vocab", type=int, default=700, help="vocabulary of the random models (the demo tokenizer's is 653)")
     parser.add_argument("--prompt-len", type=int, default=12, help="random prompts' length in tokens (the demo's are about 9-12)")
+    parser.add_argument("--run-dir", type=Path, help="a finished run (e.g. runs/demo): its trained models and prompts, stopping at EOS")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--run-dir", type=Path, help="a finished run (e.g. runs/demo): its trained models and prompts, stopping at EOS")
     mode.add_argument("--sizes", action="store_true", help="the scaling table: three model sizes by three response lengths")
+    mode.add_argument("--against-trl", type=Path, metavar="PEER",
+                      help="run ours and TRL 1.12's PPOTrainer (the harness set up in PEER) in turns, and print their ratio")
+    parser.add_argument("--rounds", type=int, default=3, help="--against-trl: runs of each side, alternating (default 3)")
     args = parser.parse_args()
+    if args.against_trl:
+        against_trl(args)
+        return
 
     pipeline = load_pipeline(args.pipeline)
     shape, ppo = pipeline.stages["pretrain"].model, pipeline.stages["ppo"]
