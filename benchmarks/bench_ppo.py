@@ -46,7 +46,7 @@ from rlhf.model import RlhfConfig, RlhfForCausalLM, RlhfForSequenceClassificatio
 from rlhf.ppo import PPO
 from rlhf.ppo_math import FixedKLController
 from rlhf.rl_models import RLModels
-from rlhf.rl_training import update
+from rlhf.rl_training import adamw, update
 
 SPLITS = {"time_generate": "generation", "time_score": "scoring (reward, reference, values)", "time_update": "update"}
 SIZES = {"demo": None, "14M": (6, 6, 384, 1024), "gpt2-small": (12, 12, 768, 50257)}
@@ -86,8 +86,7 @@ def measure(models: RLModels, ppo, prompts: list[list[int]], iterations: int) ->
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    trained = [p for model in (models.policy, models.value) for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=ppo.lr)
+    optimizer = adamw(models.trained(), {"policy": ppo.lr, "value": ppo.value_lr or ppo.lr})  # as the RL driver
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     beta = FixedKLController(ppo.kl_coef).value
     splits: dict[str, list[float]] = {key: [] for key in SPLITS}

@@ -237,7 +237,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
 
     Use the sampling temperature so the log-probs match the distribution that was sampled.
     """
-    scaled = _upcast(logits) / temperature
+    scaled = _upcast(logits) if temperature == 1.0 else _upcast(logits) / temperature  # no (B, T, V) copy at 1
     picked = scaled.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scaled, dim=-1)
 

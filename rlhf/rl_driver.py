@@ -138,11 +138,11 @@ class RLRun:
         from rlhf.config import LR_SCHEDULES
         from rlhf.training import SCHEDULE_ARGUMENTS
 
+        from rlhf.rl_training import adamw
+
         config, models = self.config, self.models
         trained = models.trained()
-        groups = [{"params": [p for p in trained[name].parameters() if p.requires_grad], "lr": learning_rates[name]}
-                  for name in trained]  # fmt: skip
-        self.optimizer = torch.optim.AdamW(groups, eps=1e-5, fused=torch.cuda.is_available())
+        self.optimizer = adamw(trained, learning_rates)
         episodes = config.rollout_batch_size * config.group_size
         total = config.steps * config.update_passes * episodes // (config.minibatch_size * config.grad_accum)
         self.schedule = get_scheduler(LR_SCHEDULES[config.lr_schedule], self.optimizer, num_warmup_steps=config.warmup_steps,

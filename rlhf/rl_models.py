@@ -125,7 +125,7 @@ def response_logprobs(model, sequences, attention_mask, prompt_length: int, temp
     T = sequences.shape[1] - prompt_length
     # the head only where its logits predict a response token: (B, T + 1, V), less the last position
     logits = model(input_ids=sequences, attention_mask=attention_mask, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V)
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # (no copy at 1 in fp32)
     with torch.no_grad():
         entropy = entropy_from_logits(logits.detach())
     return logprobs_from_logits(logits, sequences[:, prompt_length:]), entropy
