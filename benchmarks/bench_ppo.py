@@ -155,27 +155,77 @@ def result_line(text: str) -> dict[str, float]:
     return {key: float(value) for key, value in (item.split("=") for item in line.split()[1:])}
 
 
-def against_trl(args) -> None:
-    """Ours and TRL's PPOTrainer in turns (ours, TRL, ours, ...), each a fresh process on the same trained
-    models and prompts, both stopping at EOS; medians of episodes/s and their ratio."""
+def gpt2_copies(run_dir: Path, out: Path) -> tuple[Path, Path]:
+    """The run's SFT policy as transformers' GPT2LMHeadModel and its reward model as GPT2ForSequenceClassification
+    (same weights; GPT-2's score head has no bias: the folded normalisation, a constant shift of every score,
+    is left out, which changes no timing), with the tokenizer, for TRL."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2ForSequenceClassification
+
+    from rlhf.convert import _transpose_conv1d, rlhf_to_gpt2
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "sft")
+    policy = rlhf_to_gpt2(AutoModelForCausalLM.from_pretrained(run_dir / "sft"))
+    reward = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward")
+    gpt2 = GPT2ForSequenceClassification(policy.config.__class__(**{**policy.config.to_dict(), "num_labels": 1}))
+    state = _transpose_conv1d(reward.state_dict())
+    state.pop("score.bias", None)
+    missing, unexpected = gpt2.load_state_dict(state, strict=False)
+    if unexpected or any(not key.endswith(".attn.bias") for key in missing):
+        raise SystemExit(f"reward model layout mismatch: missing {missing}, unexpected {unexpected}")
+    for model, name in ((policy, "sft_gpt2"), (gpt2, "rm_gpt2")):
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+    return out / "sft_gpt2", out / "rm_gpt2"
+
+
+def random_run(out: Path, like: Path, layers: int, heads: int, width: int) -> Path:
+    """A run folder with randomly initialised SFT and reward models of another shape (the tokenizer of `like`),
+    to measure PPO at that shape; EOS is then rarely sampled, so responses run to max_new_tokens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(like / "sft")
+    like_config = AutoConfig.from_pretrained(like / "sft")
+    config = RlhfConfig(vocab_size=like_config.vocab_size, n_positions=like_config.n_positions, n_layer=layers, n_head=heads,
+                        n_embd=width, pad_token_id=like_config.pad_token_id, eos_token_id=like_config.eos_token_id,
+                        bos_token_id=like_config.bos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    for name, cls in (("sft", RlhfForCausalLM), ("reward", RlhfForSequenceClassification)):
+        cls(config).save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+    return out
+
+
+def against_trl(args, ppo) -> None:
+    """Ours and TRL's PPOTrainer in turns (ours, TRL, ours, ...), each a fresh process, on the same models
+    (ours converted to GPT-2 for TRL), the same prompts and PPO settings, both stopping at EOS; medians of
+    episodes/s and their ratio."""
     import os
     import subprocess
     import sys
+    import tempfile
 
     peer = args.against_trl.resolve()
-    run_dir = args.run_dir or Path("runs/demo")
+    work = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
+    run_dir = (args.run_dir or Path("runs/demo")).resolve()
+    if args.shape:
+        run_dir = random_run(work / "run", run_dir, *args.shape)
+    sft, rm = gpt2_copies(run_dir, work)
     env = {**os.environ, "PEER": str(peer), "CLONE": str(Path.cwd()), "VENV": str(Path(sys.executable).parent.parent)}
+    settings = ["--iterations", str(args.iterations)]
     sides = {
-        "rlhf": [sys.executable, __file__, "--pipeline", args.pipeline, "--run-dir", str(run_dir), "--iterations", str(args.iterations)],
-        "trl 1.12": [str(peer / "venv" / "bin" / "python"), str(peer / "trl_ppo_bench.py"), "--stop-at-eos",
-                     "--iterations", str(args.iterations), "--warmup", "1"],
+        "rlhf": [sys.executable, __file__, "--pipeline", args.pipeline, "--run-dir", str(run_dir), "--episodes", str(ppo.rollout_batch_size),
+                 "--minibatch", str(ppo.minibatch_size), *settings],
+        "trl 1.12": [str(peer / "venv" / "bin" / "python"), str(peer / "trl_ppo_bench.py"), "--stop-at-eos", "--warmup", "1",
+                     "--sft", str(sft), "--rm", str(rm), "--batch", str(ppo.rollout_batch_size), "--minibatch", str(ppo.minibatch_size),
+                     "--epochs", str(ppo.ppo_epochs), "--max-new-tokens", str(ppo.max_new_tokens), "--temperature", str(ppo.temperature),
+                     "--lr", str(ppo.lr), "--kl-coef", str(ppo.kl_coef), *settings],
     }  # fmt: skip
     rates: dict[str, list[float]] = {side: [] for side in sides}
     for round_ in range(args.rounds):
         for side, command in sides.items():
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
-                raise SystemExit(f"{side} failed:\n{done.stderr[-2000:]}")
+                raise SystemExit(f"{side} failed:\n{done.stdout[-1000:]}{done.stderr[-2000:]}")
             rates[side].append(result_line(done.stdout)["episodes_per_second"])
             print(f"round {round_ + 1} {side:8} {rates[side][-1]:7.2f} episodes/s", flush=True)
     ours, theirs = (statistics.median(rates[side]) for side in sides)
@@ -196,13 +246,19 @@ def main() -> None:
     mode.add_argument("--against-trl", type=Path, metavar="PEER",
                       help="run ours and TRL 1.12's PPOTrainer (the harness set up in PEER) in turns, and print their ratio")
     parser.add_argument("--rounds", type=int, default=3, help="--against-trl: runs of each side, alternating (default 3)")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("LAYERS", "HEADS", "WIDTH"),
+                        help="--against-trl: random models of this shape instead of the run's (e.g. 12 12 768, GPT-2 small's)")
+    parser.add_argument("--episodes", type=int, help="episodes per iteration (default: the pipeline's rollout_batch_size)")
+    parser.add_argument("--minibatch", type=int, help="episodes per minibatch (default: the pipeline's minibatch_size)")
     args = parser.parse_args()
-    if args.against_trl:
-        against_trl(args)
-        return
 
     pipeline = load_pipeline(args.pipeline)
     shape, ppo = pipeline.stages["pretrain"].model, pipeline.stages["ppo"]
+    ppo = dataclasses.replace(ppo, rollout_batch_size=args.episodes or ppo.rollout_batch_size,
+                              minibatch_size=args.minibatch or ppo.minibatch_size)  # fmt: skip
+    if args.against_trl:
+        against_trl(args, ppo)
+        return
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.sizes:
         scaling_table(pipeline, args.iterations)

@@ -61,3 +61,29 @@ def test_bench_ppo_measures_every_phase_at_a_tiny_shape():
     assert set(bench.SPLITS) <= set(result) and all(result[key] > 0 for key in bench.SPLITS)
     assert result["response_length"] == 6, "EOS is never sampled: full-length responses"
     assert result["episodes_per_second"] == 4 / sum(result[key] for key in bench.SPLITS)
+
+
+def test_bench_ppo_hands_trl_the_same_models_as_gpt2(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from rlhf.model import RlhfConfig, RlhfForCausalLM
+    from rlhf.tokenizer import train_tokenizer
+
+    bench = load("bench_ppo")
+    tokenizer = train_tokenizer(["What is 2 + 2? Sure! 2 + 2 = 4. Have a nice day."] * 20, vocab_size=300)
+    like = tmp_path / "like"
+    config = RlhfConfig(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    RlhfForCausalLM(config).save_pretrained(like / "sft")
+    tokenizer.save_pretrained(like / "sft")
+    run = bench.random_run(tmp_path / "run", like, 2, 2, 32)
+    sft, rm = bench.gpt2_copies(run, tmp_path / "gpt2")
+    ids = torch.randint(3, len(tokenizer), (2, 10))
+    assert tokenizer.pad_token_id < 3
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(run / "sft")(ids).logits
+        torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(sft)(ids).logits, ours, atol=1e-5, rtol=1e-5)
+        reward = AutoModelForSequenceClassification.from_pretrained(run / "reward")
+        shift = reward.score.bias.item()  # the one thing GPT-2's head lacks: a constant shift of every score
+        torch.testing.assert_close(GPT2ForSequenceClassification.from_pretrained(rm)(ids).logits + shift, reward(ids).logits,
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
