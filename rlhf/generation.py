@@ -120,7 +120,7 @@ def sample_next_token(
     if temperature == 0.0:
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / temperature
+    scaled = logits if temperature == 1.0 else logits / temperature  # x / 1 == x: a pass over (B, V) saved
     filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
     # Inverse-CDF sampling: one uniform draw per row (torch.multinomial draws one per vocabulary entry).
     cdf = filtered.softmax(-1).cumsum(-1)  # (B, V)
@@ -129,7 +129,7 @@ def sample_next_token(
     return tokens, F.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: PPO feeds the returned tensors to forwards that keep a graph
 def generate(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
