@@ -3,10 +3,12 @@
 In one process, on the same random batch: training-step throughput (forward, backward, gradient
 clipping, AdamW; fp32) of `RlhfForCausalLM` against transformers' model of the same shape and
 weights (SDPA attention), and generation throughput of `rlhf.generation.generate` against that
-model's `generate`. `--layout gpt2` (default) compares with `GPT2LMHeadModel`; `--layout llama`
-with `LlamaForCausalLM` (grouped-query attention: `--kv-heads`, default 2; untied head, as Llama
-checkpoints). Timings interleave the two models; medians over repeats after warm-up. The last line
-is machine-readable (speedup = ours / theirs in tokens per second, above 1 when ours is faster):
+model's `generate` (with its static KV cache, the faster of its two here, unless `--their-cache
+dynamic`). `--layout gpt2` (default) compares with `GPT2LMHeadModel`; `--layout llama` with
+`LlamaForCausalLM` (grouped-query attention: `--kv-heads`, default 2; untied head, as Llama
+checkpoints). Generation runs at batch 64 by default, and the roofline of our decoding step
+(`rlhf.generation.decode_cost`) is printed against this machine's measured rates. Timings
+interleave the two models; medians over repeats after warm-up. The last line is machine-readable (speedup = ours / theirs in tokens per second, above 1 when ours is faster):
 
     RESULT layout=<gpt2|llama> train_speedup=<x> generate_speedup=<y>
 
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--generation-only", action="store_true", help="skip the training comparison (train_speedup=nan)")
+    parser.add_argument("--their-cache", choices=("static", "dynamic"), default="static",
+                        help="transformers' KV cache in generate: static was the faster of the two here")  # fmt: skip
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -119,7 +123,7 @@ def main() -> None:
     def gen_theirs():
         with torch.no_grad():
             theirs.generate(prompts, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                          do_sample=True, top_k=0, pad_token_id=0)  # fmt: skip
+                          do_sample=True, top_k=0, pad_token_id=0, cache_implementation=args.their_cache)  # fmt: skip
 
     gen_tokens = args.gen_batch * args.new_tokens
     gen_ours_s, gen_theirs_s = interleaved_medians([gen_ours, gen_theirs], 1, args.repeats)
