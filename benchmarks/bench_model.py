@@ -3,10 +3,12 @@
 In one process, on the same random batch: training-step throughput (forward, backward, gradient
 clipping, AdamW; fp32) of `RlhfForCausalLM` against transformers' model of the same shape and
 weights (SDPA attention), and generation throughput of `rlhf.generation.generate` against that
-model's `generate`. `--layout gpt2` (default) compares with `GPT2LMHeadModel`; `--layout llama`
-with `LlamaForCausalLM` (grouped-query attention: `--kv-heads`, default 2; untied head, as Llama
-checkpoints). Timings interleave the two models; medians over repeats after warm-up. The last line
-is machine-readable (speedup = ours / theirs in tokens per second, above 1 when ours is faster):
+model's `generate` (with its static KV cache, the faster of its two here, unless `--their-cache
+dynamic`). `--layout gpt2` (default) compares with `GPT2LMHeadModel`; `--layout llama` with
+`LlamaForCausalLM` (grouped-query attention: `--kv-heads`, default 2; untied head, as Llama
+checkpoints). Generation runs at batch 64 by default, and the roofline of our decoding step
+(`rlhf.generation.decode_cost`) is printed against this machine's measured rates. Timings
+interleave the two models; medians over repeats after warm-up. The last line is machine-readable (speedup = ours / theirs in tokens per second, above 1 when ours is faster):
 
     RESULT layout=<gpt2|llama> train_speedup=<x> generate_speedup=<y>
 
@@ -24,7 +26,7 @@ import torch
 
 import rlhf  # noqa: F401
 from rlhf.convert import rlhf_to_hf
-from rlhf.generation import generate
+from rlhf.generation import decode_cost, generate, measure_machine, roofline_report
 from rlhf.model import RlhfConfig, RlhfForCausalLM
 
 
@@ -80,11 +82,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--train-batch", type=int, default=8)
-    parser.add_argument("--gen-batch", type=int, default=16)
+    parser.add_argument("--gen-batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--generation-only", action="store_true", help="skip the training comparison (train_speedup=nan)")
+    parser.add_argument("--their-cache", choices=("static", "dynamic"), default="static",
+                        help="transformers' KV cache in generate: static was the faster of the two here")  # fmt: skip
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -100,7 +105,9 @@ def main() -> None:
     # Training: each model trains its own copy from the same weights on the same batch.
     batch = torch.randint(0, args.vocab, (args.train_batch, args.context))
     tokens_per_step = batch.numel()
-    train_ours, train_theirs = interleaved_medians([train_step_fn(ours, batch), train_step_fn(theirs, batch)], args.warmup, args.repeats)
+    train_ours = train_theirs = float("nan")
+    if not args.generation_only:
+        train_ours, train_theirs = interleaved_medians([train_step_fn(ours, batch), train_step_fn(theirs, batch)], args.warmup, args.repeats)
 
     # Generation: same weights again (training moved them), same prompts, no early stop.
     theirs = reference_model(ours).eval()
@@ -116,7 +123,7 @@ def main() -> None:
     def gen_theirs():
         with torch.no_grad():
             theirs.generate(prompts, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                          do_sample=True, top_k=0, pad_token_id=0)  # fmt: skip
+                          do_sample=True, top_k=0, pad_token_id=0, cache_implementation=args.their_cache)  # fmt: skip
 
     gen_tokens = args.gen_batch * args.new_tokens
     gen_ours_s, gen_theirs_s = interleaved_medians([gen_ours, gen_theirs], 1, args.repeats)
@@ -128,6 +135,9 @@ def main() -> None:
     print(f"{'':28}{their_name:>18}{'rlhf':>12}{'speedup':>10}")
     for name, theirs, mine in rows:
         print(f"{name:28}{theirs:18.0f}{mine:12.0f}{mine / theirs:9.2f}x")
+    # How far a decoding step is from this machine's bounds, at the mean cache length of the run.
+    cost = decode_cost(ours, args.gen_batch, args.prompt_len + args.new_tokens // 2)
+    print(roofline_report(cost, *measure_machine(), seconds_per_token=gen_ours_s / gen_tokens))
     print(f"RESULT layout={args.layout} train_speedup={train_theirs / train_ours:.2f} generate_speedup={gen_theirs_s / gen_ours_s:.2f}")
 
 

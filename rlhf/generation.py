@@ -10,6 +10,7 @@ Shapes: B batch, P prompt length (left-padded), N max new tokens, V vocabulary.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -120,7 +121,7 @@ def sample_next_token(
     if temperature == 0.0:
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / temperature
+    scaled = logits if temperature == 1.0 else logits / temperature  # x / 1 == x: a pass over (B, V) saved
     filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
     # Inverse-CDF sampling: one uniform draw per row (torch.multinomial draws one per vocabulary entry).
     cdf = filtered.softmax(-1).cumsum(-1)  # (B, V)
@@ -129,7 +130,7 @@ def sample_next_token(
     return tokens, F.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: PPO feeds the returned tensors to forwards that keep a graph
 def generate(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
@@ -216,3 +217,69 @@ def left_pad(token_lists: list[list[int]], pad_token_id: int, device: torch.devi
             ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
             mask[row, width - len(tokens) :] = 1
     return ids.to(device), mask.to(device)
+
+
+@dataclass
+class DecodeCost:
+    """What one decoding step costs per new token: FLOPs, and bytes read from memory (fp32 unless told).
+
+    Per step the batch shares one read of the weights; each row reads its own keys and values.
+    """
+
+    flops: float
+    weight_bytes: float
+    cache_bytes: float
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.cache_bytes
+
+
+def decode_cost(model: torch.nn.Module, batch: int, cache_length: int, bytes_per_value: int = 4) -> DecodeCost:
+    """The cost per token of a decoding step of `batch` rows attending to `cache_length` keys.
+
+    FLOPs: 2 per weight of every matrix product (LM head included), and 4 * nh * hs per key per layer
+    (q.k and the weighted sum of v). Weights read: every parameter except embedding tables, of
+    which only `batch` rows are gathered (a tied LM head is read as the head), divided by the
+    batch. Cache read: keys and values of every layer, n_kv_head heads of head_dim.
+    """
+    config = model.config
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    untied_tables = sum(t.numel() for t in tables if all(t is not m.weight for m in linears))
+    streamed = sum(p.numel() for p in model.parameters()) - untied_tables
+    attention_flops = 4 * config.n_layer * config.n_head * config.head_dim * cache_length
+    cache_values = 2 * config.n_layer * config.n_kv_head * config.head_dim * cache_length
+    return DecodeCost(
+        flops=2 * sum(m.weight.numel() for m in linears) + attention_flops,
+        weight_bytes=streamed * bytes_per_value / batch,
+        cache_bytes=cache_values * bytes_per_value,
+    )
+
+
+def measure_machine(size: int = 1024, copy_mib: int = 256, repeats: int = 5) -> tuple[float, float]:
+    """This machine's fp32 matrix-product rate (FLOP/s) and copy bandwidth (bytes/s, read + write): best of repeats."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    src = torch.empty(copy_mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best_mm = best_copy = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best_mm = min(best_mm, time.perf_counter() - start)
+        start = time.perf_counter()
+        dst.copy_(src)
+        best_copy = min(best_copy, time.perf_counter() - start)
+    return 2 * size**3 / best_mm, 2 * src.numel() * 4 / best_copy
+
+
+def roofline_report(cost: DecodeCost, flops_per_s: float, bytes_per_s: float, seconds_per_token: float | None = None) -> str:
+    """One line: a token's FLOPs and bytes, the time each bound allows, and how far a measured time is from it."""
+    compute_s, memory_s = cost.flops / flops_per_s, cost.bytes / bytes_per_s
+    line = (f"roofline per token: {cost.flops / 1e6:.1f} MFLOP, {cost.bytes / 1e6:.2f} MB "
+            f"({cost.weight_bytes / 1e6:.2f} weights + {cost.cache_bytes / 1e6:.2f} cache); "
+            f"at {flops_per_s / 1e9:.0f} GFLOP/s and {bytes_per_s / 1e9:.1f} GB/s: {compute_s * 1e6:.0f} us compute, "
+            f"{memory_s * 1e6:.0f} us memory")  # fmt: skip
+    if seconds_per_token is not None:
+        line += f"; measured {seconds_per_token * 1e6:.0f} us ({max(compute_s, memory_s) / seconds_per_token:.0%} of the bound)"
+    return line

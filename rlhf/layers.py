@@ -46,7 +46,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+        # No mask and T > 1: no cache, the fused causal kernel. No mask and T == 1: a decoding step, all keys seen.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -88,16 +89,21 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs): the cache holds nkv heads
-        grouped = self.n_kv_head != self.n_head
-        if grouped and mask is not None:
-            # SDPA's GQA path runs only in its kernels that take no mask; with one, repeat the shared heads.
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        grouped, group = self.n_kv_head != self.n_head, self.n_head // self.n_kv_head
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=grouped and mask is None
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        if grouped and mask is not None and T == 1:
+            # A decoding step with a mask: the query heads sharing a key/value head become that head's
+            # query rows (repeat_interleave order), so nothing is copied; the mask (B, 1, 1, S) fits each row.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, group, self.head_dim), k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            if grouped and mask is not None:
+                # SDPA's GQA path runs only in its kernels that take no mask; with one, repeat the shared heads.
+                k = k.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
+                v = v.repeat_interleave(group, dim=1)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T > 1, enable_gqa=grouped and mask is None
+            )  # (B, nh, T, hs)
+        y = y.reshape(B, self.n_head, T, self.head_dim).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.o_proj(y))  # (B, T, C)
 
 

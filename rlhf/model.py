@@ -209,9 +209,10 @@ class RlhfModel(RlhfPreTrainedModel):
                 position_ids = position_ids_from_mask(attention_mask, T)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
-        # Without padding or cache the fused causal kernel applies (mask=None -> is_causal).
+        # Without padding the fused causal kernel applies (mask=None -> is_causal), and a single new token
+        # after a cache sees every key: only several new tokens after a cache need the causal offset.
         mask = None
-        if padded or past > 0:
+        if padded or (past > 0 and T > 1):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
             mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)

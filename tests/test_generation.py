@@ -11,10 +11,13 @@ import torch.nn.functional as F
 
 from conftest import make_config, randomize_
 from rlhf.generation import (
+    DecodeCost,
     GenerationResult,
     StaticKVCache,
+    decode_cost,
     generate,
     left_pad,
+    roofline_report,
     sample_next_token,
     top_k_filter,
     top_p_filter,
@@ -336,3 +339,70 @@ def test_llama_layout_greedy_matches_uncached_decoding(n_kv_head, monkeypatch) -
     greedy = generate(model, *prompts, max_new_tokens=N, eos_token_id=NEVER, pad_token_id=PAD, temperature=0.0)
     assert seen["kv_shape"] == (len(PROMPTS), n_kv_head, 1, 8)
     assert greedy.responses.tolist() == [_uncached_greedy(model, p, N, NEVER) for p in PROMPTS]
+
+
+# --- the roofline's arithmetic on a model small enough to count by hand ----------------------
+
+
+def test_decode_cost_counts_by_hand() -> None:
+    # 1 layer, width 4, 2 heads of 2, MLP 16 wide, vocabulary 10, 8 positions, head tied to wte.
+    model = RlhfForCausalLM(make_config(vocab_size=10, n_positions=8, n_embd=4, n_layer=1, n_head=2))
+    cost = decode_cost(model, batch=2, cache_length=5)
+    # Matrix weights: c_attn 4x12, attn c_proj 4x4, c_fc 4x16, mlp c_proj 16x4, lm_head 4x10 = 232;
+    # attention: 4 FLOPs x 2 heads x 2 wide x 5 keys = 80.
+    assert cost.flops == 2 * 232 + 80
+    # Parameters 324 (wte 40 shared with the head, wpe 32, norms 3 x 8, c_attn 60, c_proj 20, c_fc 80,
+    # mlp c_proj 68) less the wpe table (2 rows gathered): 292 fp32 values shared by 2 rows.
+    assert cost.weight_bytes == 292 * 4 / 2
+    assert cost.cache_bytes == 2 * 1 * 2 * 2 * 5 * 4  # keys and values, 1 layer, 2 heads of 2, 5 keys
+    assert cost.bytes == 584 + 160
+
+
+def test_decode_cost_llama_cache_holds_the_shared_heads() -> None:
+    config = make_config(layout="llama", n_embd=48, n_head=6, n_kv_head=2, n_inner=40)
+    one, three = (decode_cost(RlhfForCausalLM(config), batch=1, cache_length=s) for s in (1, 3))
+    assert three.cache_bytes - one.cache_bytes == 2 * config.n_layer * 2 * 8 * 2 * 4  # 2 more keys: 2 heads of 8
+    assert three.flops - one.flops == 4 * config.n_layer * 6 * 8 * 2  # queries: all 6 heads
+
+
+def test_roofline_report_names_the_bound() -> None:
+    cost = DecodeCost(flops=1e9, weight_bytes=6e7, cache_bytes=4e7)
+    line = roofline_report(cost, flops_per_s=1e12, bytes_per_s=1e10, seconds_per_token=0.02)
+    assert "1000.0 MFLOP, 100.00 MB" in line and "1000 us compute, 10000 us memory" in line
+    assert "(50% of the bound)" in line  # memory-bound: 10 ms of 20 ms measured
+
+
+def _reference_sampling(model, ids, mask, max_new: int, eos: int, generator, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's semantics, slowly: a full uncached forward per step, then the same draw per row."""
+    tokens_out, logprobs_out = [], []
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(ids, attention_mask=mask).logits[:, -1]
+            tokens, logprobs = sample_next_token(logits, generator=generator, **sampling)
+            tokens = tokens.masked_fill(finished, PAD)
+            tokens_out.append(tokens)
+            logprobs_out.append(logprobs.masked_fill(finished, 0.0))
+            mask = torch.cat([mask, (~finished).long()[:, None]], 1)
+            finished |= tokens == eos
+            ids = torch.cat([ids, tokens[:, None]], 1)
+            if finished.all():
+                break
+    return torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1)
+
+
+@pytest.mark.parametrize("layout", ["gpt2", "llama"])
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_seeded_sampling_equals_the_uncached_reference(layout, sampling) -> None:
+    """Same seed, same tokens as sampling from full forwards: the cache, the masks left out of
+    decoding steps and the grouped-query fold change nothing a draw can see."""
+    torch.manual_seed(0)
+    overrides = dict(layout="llama", n_embd=48, n_head=6, n_kv_head=2, n_inner=40) if layout == "llama" else {}
+    model = randomize_(RlhfForCausalLM(make_config(**overrides))).eval()
+    padded = left_pad(PROMPTS, PAD)
+    unpadded = (torch.randint(2, 96, (16, 6), generator=torch.Generator().manual_seed(1)), torch.ones(16, 6, dtype=torch.long))
+    for (ids, mask), eos in ((padded, 3), (unpadded, NEVER)):
+        result = generate(model, ids, mask, N, eos_token_id=eos, pad_token_id=PAD, generator=torch.Generator().manual_seed(7), **sampling)
+        tokens, logprobs = _reference_sampling(model, ids, mask, N, eos, torch.Generator().manual_seed(7), **sampling)
+        assert torch.equal(result.responses, tokens)
+        torch.testing.assert_close(result.logprobs, logprobs, atol=1e-4, rtol=0)
