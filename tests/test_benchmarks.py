@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -46,3 +47,12 @@ def test_bench_qwen_memory_shape_is_qwen25_05b():
     shape = bench.QWEN25_05B
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]) == (896, 24, 14)
     assert (shape["num_key_value_heads"], shape["intermediate_size"], shape["vocab_size"]) == (2, 4864, 151936)
+
+
+def test_bench_shakespeare_refuses_without_a_reference_and_reads_its_last_loss(monkeypatch, capsys):
+    bench = load("bench_shakespeare")
+    monkeypatch.setattr("sys.argv", ["bench_shakespeare.py"])
+    with pytest.raises(SystemExit, match="needs --reference PATH"):
+        bench.main()
+    out = "step 1750: train loss 1.7000, val loss 1.9000\niter 1999: loss 1.6\nstep 2000: train loss 1.6500, val loss 1.8857\n"
+    assert float(bench.FINAL_LOSS.findall(out)[-1][2]) == 1.8857
