@@ -134,9 +134,20 @@ class MetricsLog(TrainerCallback):
 
 
 def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
-    """Whether every gradient of `parameters` is free of NaN and inf (parameters without one are ignored)."""
-    checks = [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
-    return bool(torch.stack(checks).all()) if checks else True
+    """Whether every gradient of `parameters` is free of NaN and inf (parameters without one are ignored).
+
+    One total norm (a fused per-tensor norm, then their norm) rather than an isfinite and an `all` per
+    tensor: NaN or inf anywhere makes the norm NaN or inf, and the ~100 small ops of the per-tensor check
+    took 14-34 ms a step against 0.6 ms for the norm (the 0.84M-parameter Tiny Shakespeare model on a
+    busy 2-core CPU). A norm that overflows fp32 (gradients near 1e19) also counts as non-finite:
+    clipping would zero such a step anyway.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return True
+    norm = torch.nn.utils.get_total_norm(grads)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (FSDP2) gradients: the global norm
+    return bool(torch.isfinite(norm))
 
 
 class NonFiniteGuard(TrainerCallback):

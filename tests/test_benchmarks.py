@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -87,3 +88,12 @@ def test_bench_ppo_hands_trl_the_same_models_as_gpt2(tmp_path):
         shift = reward.score.bias.item()  # the one thing GPT-2's head lacks: a constant shift of every score
         torch.testing.assert_close(GPT2ForSequenceClassification.from_pretrained(rm)(ids).logits + shift, reward(ids).logits,
                                    atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_bench_shakespeare_refuses_without_a_reference_and_reads_its_last_loss(monkeypatch, capsys):
+    bench = load("bench_shakespeare")
+    monkeypatch.setattr("sys.argv", ["bench_shakespeare.py"])
+    with pytest.raises(SystemExit, match="needs --reference PATH"):
+        bench.main()
+    out = "step 1750: train loss 1.7000, val loss 1.9000\niter 1999: loss 1.6\nstep 2000: train loss 1.6500, val loss 1.8857\n"
+    assert float(bench.FINAL_LOSS.findall(out)[-1][2]) == 1.8857
