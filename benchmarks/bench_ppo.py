@@ -17,7 +17,7 @@ Three ways to run it:
   `../shared/bench/trl-ppo-1.12/`, set up in PEER as its README says, with its own environment in
   PEER/venv) run in turns, `--rounds` times each, each in a fresh process; prints every run's
   episodes/s, the medians and their ratio. Both sides stop at EOS, on the same trained models.
-- `--sizes`: the scaling table. Episodes/s and the split at three model sizes (the demo's; ~14M: 6
+- `--sizes`: the scaling table. Episodes/s and the split at three model sizes (the demo's; ~11M: 6
   layers, 384 wide; GPT-2 small: 12 layers, 768 wide, vocabulary 50,257) and three response lengths
   (16, 64, 256), random weights, full-length responses, fewer episodes per iteration at the larger
   sizes (printed), so the table shows how cost grows with each.
@@ -49,7 +49,7 @@ from rlhf.rl_models import RLModels
 from rlhf.rl_training import adamw, update
 
 SPLITS = {"time_generate": "generation", "time_score": "scoring (reward, reference, values)", "time_update": "update"}
-SIZES = {"demo": None, "14M": (6, 6, 384, 1024), "gpt2-small": (12, 12, 768, 50257)}
+SIZES = {"demo": None, "11M": (6, 6, 384, 1024), "gpt2-small": (12, 12, 768, 50257)}
 """Size -> (layers, heads, width, vocabulary); None: the pipeline's pretrain shape and the demo vocabulary."""
 LENGTHS = (16, 64, 256)
 
@@ -138,7 +138,7 @@ def scaling_table(pipeline, iterations: int) -> None:
             config = RlhfConfig(vocab_size=vocab, n_positions=length + 32, n_embd=width, n_layer=layers, n_head=heads,
                                 pad_token_id=0, eos_token_id=1)  # fmt: skip
             models = random_models(config)
-            episodes = 64 if dims is None else 16 if size == "14M" else 8
+            episodes = 64 if dims is None else 16 if size == "11M" else 8
             settings = dataclasses.replace(ppo, rollout_batch_size=episodes, max_new_tokens=length,
                                            minibatch_size=min(ppo.minibatch_size, episodes))  # fmt: skip
             prompts = [torch.randint(5, vocab, (12,)).tolist() for _ in range(episodes)]
