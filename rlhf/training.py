@@ -278,11 +278,11 @@ class TimeBudget(TrainerCallback):
             self.stopped_at = state.global_step
 
 
-def resume_point(stage_dir: Path, fingerprint: str) -> str | None:
-    """The checkpoint a Trainer stage resumes from (`rlhf.checkpoints.resume_checkpoint`), as the path TRL takes."""
-    last = resume_checkpoint(stage_dir, fingerprint)
+def resume_point(ctx) -> str | None:
+    """The checkpoint stage `ctx` resumes from (`rlhf.checkpoints.resume_checkpoint`), as the path TRL takes."""
+    last = resume_checkpoint(ctx.out_dir, ctx.fingerprint)
     if last is not None:
-        say(stage_dir.name.removeprefix(".").removesuffix(".building"), f"resuming from {last}")
+        say(ctx.name, f"resuming from {last}")
     return str(last) if last is not None else None
 
 
@@ -303,7 +303,7 @@ def train(trainer, ctx) -> float:
         trainer.add_callback(callback)
     started = time.perf_counter()
     with stop:
-        trainer.train(resume_from_checkpoint=on_main(lambda: resume_point(stage_dir, ctx.fingerprint)))
+        trainer.train(resume_from_checkpoint=on_main(lambda: resume_point(ctx)))
     if guard.diverged:
         raise TrainingDiverged(guard.diverged)
     if stop.received:
