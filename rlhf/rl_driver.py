@@ -285,6 +285,8 @@ class RLRun:
         with tracking.quietly():
             self.accelerator.init_trackers(tracking.project_name(self.ctx.run_dir),
                                            config=tracking.hyperparameters(tracking.stage_config(self.ctx)))  # fmt: skip
+        if is_main_process():
+            tracking.announce(self.ctx)
         try:
             yield
         finally:

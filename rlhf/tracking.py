@@ -120,10 +120,16 @@ def finish(trackers: list) -> None:
             tracker.finish()
 
 
-def where(names: list[str], run_dir: Path, stage: str) -> str:
-    """One line saying where a stage's curves go."""
+def announce(ctx) -> None:
+    """One line saying where stage `ctx`'s curves go, if it reports anywhere."""
+    from rlhf.console import say
+
+    names, run_dir = ctx.config.report_to, ctx.run_dir
+    if not names:
+        return
     places = {"tensorboard": f"tensorboard --logdir {run_dir}", "trackio": f"trackio show --project {project_name(run_dir)}"}
-    return "; ".join(f"{name}: {places.get(name, f'project {project_name(run_dir)}, run {stage}')}" for name in names)
+    say(ctx.name, "curves to " + "; ".join(f"{name} ({places.get(name, f'project {project_name(run_dir)}, run {ctx.name}')})"
+                                           for name in names))  # fmt: skip
 
 
 def stage_config(ctx) -> dict:

@@ -112,6 +112,7 @@ class MetricsLog(TrainerCallback):
         self.trackers = tracking.make_trackers(self.ctx.config.report_to, self.ctx.run_dir, self.ctx.name, self.ctx.out_dir,
                                                resume_step=state.global_step)  # fmt: skip
         tracking.start(self.trackers, tracking.stage_config(self.ctx))
+        tracking.announce(self.ctx)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -83,6 +83,8 @@ def test_report_to_tensorboard_writes_every_training_stages_curves(tiny_rlhf, tm
     pipeline = write_yaml(tmp_path / "tracked.yaml", tree)
     code, out, err = run(capsys, pipeline, "--from", "pretrain")
     assert code == 0, err
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert f"[{stage}] curves to tensorboard (tensorboard --logdir {run_dir})" in out, stage
     for stage, tag, steps in [("pretrain", "loss", 4), ("sft", "loss", 3), ("reward", "loss", 3), ("ppo", "kl", 4)]:
         logged = scalar_steps(run_dir / stage / tracking.TENSORBOARD_DIR)
         assert logged[tag] == list(range(1, steps + 1)), (stage, logged.get(tag))
@@ -103,7 +105,8 @@ def test_report_to_trackio_logs_the_stage_to_its_local_store(tiny_sft, tmp_path,
     run_dir = clone(tiny_sft, tmp_path)
     code, out, err = run(capsys, tiny_sft.pipeline, "--run-dir", run_dir, "--only", "sft", "--force", "stages.sft.report_to=trackio")
     assert code == 0, err
-    assert "Trackio" not in out and "trackio show" not in out  # its banners stay off the console
+    assert "* Created new run" not in out and "Run finished" not in out  # trackio's banners stay off the console
+    assert f"[sft] curves to trackio (trackio show --project {tracking.project_name(run_dir)})" in out
 
     from trackio.sqlite_storage import SQLiteStorage
 
