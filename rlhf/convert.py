@@ -21,7 +21,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from rlhf.model import SUPPORTED_ACTIVATIONS, RlhfConfig, RlhfForCausalLM
+from rlhf.config.base import SUPPORTED_ACTIVATIONS
+from rlhf.model import RlhfConfig, RlhfForCausalLM
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TOKENIZER_FILES = (

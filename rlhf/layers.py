@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from rlhf.config.base import TANH_GELUS
+
 if TYPE_CHECKING:
     from rlhf.model import RlhfConfig
 
-# GPT-2 config names for the tanh-approximated GELU (same function, fused kernel here).
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-SUPPORTED_ACTIVATIONS = TANH_GELUS + ("gelu",)
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, 1, T, hs)
 
 

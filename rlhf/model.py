@@ -31,10 +31,9 @@ from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
-from rlhf.config.base import LAYOUTS  # the one list of layout names: GPT-2's decoder, or the Llama family's
-from rlhf.layers import (  # noqa: F401  (Block, the masks and SUPPORTED_ACTIVATIONS are imported from here too)
+from rlhf.config.base import LAYOUTS, SUPPORTED_ACTIVATIONS  # the one list of layout names; the gpt2 layout's GELUs
+from rlhf.layers import (  # noqa: F401  (Block and the masks are imported from here too)
     MLP,
-    SUPPORTED_ACTIVATIONS,
     Block,
     CausalSelfAttention,
     RMSNorm,

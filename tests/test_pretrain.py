@@ -62,6 +62,8 @@ def test_new_shape_settings_at_their_defaults_leave_recorded_fingerprints_alone(
     ({"layout": "llama", "n_kv_head": 3}, "n_kv_head: must divide n_head (4), got 3"),
     ({"n_kv_head": 2}, "n_kv_head: only the llama layout"),
     ({"layout": "llama", "rope_theta": 0.0}, "rope_theta: must be positive"),
+    ({"activation": "relu"}, "activation: must be one of gelu_new, gelu_pytorch_tanh, gelu_fast, gelu, got 'relu'"),
+    ({"layout": "llama", "activation": "gelu"}, "activation: the llama layout's MLP is SwiGLU"),
 ])  # fmt: skip
 def test_layout_settings_are_checked(changes, problem) -> None:
     from rlhf.config import ModelShape

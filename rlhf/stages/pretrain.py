@@ -1,4 +1,5 @@
-"""Stage `pretrain`: next-token prediction from scratch on plain text, on TRL's `SFTTrainer`.
+"""Stage `pretrain`: next-token prediction from scratch on plain text, on TRL's `SFTTrainer`
+(`rlhf.sft_trainer`: full logits where they are small).
 
 The corpus is tokenized into one stream (documents separated by EOS); its last `eval_fraction`
 is held out, like nanoGPT's 90/10 split. TRL packs each part into fixed-length blocks ("wrapped"
@@ -79,9 +80,10 @@ def run(ctx: StageContext) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from rlhf.model import RlhfConfig, RlhfForCausalLM
+    from rlhf.sft_trainer import SFTTrainer
     from rlhf.training import save_trained, train, trainer_arguments
 
     config: PretrainConfig = ctx.config
@@ -105,7 +107,7 @@ def run(ctx: StageContext) -> dict:
         vocab_size=len(tokenizer), n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=shape.n_layer,
         n_head=shape.n_head, dropout=shape.dropout, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, layout=shape.layout,
-        **(llama if shape.layout == "llama" else {}),
+        **(llama if shape.layout == "llama" else {"activation_function": shape.activation}),
     )  # fmt: skip
     model = RlhfForCausalLM(model_config)
     say("pretrain", f"model of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

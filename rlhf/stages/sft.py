@@ -97,11 +97,11 @@ def run(ctx: StageContext) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
-    from trl import SFTTrainer
 
     from rlhf.distributed import is_main_process
     from rlhf.pretrained import has_generation_markers, init_folder, load_causal_lm
     from rlhf.responses import judge_policy
+    from rlhf.sft_trainer import SFTTrainer
     from rlhf.tokenizer import check_fits_model
     from rlhf.training import peft_config, save_and_judge, train, trainer_arguments
 
