@@ -97,3 +97,17 @@ def test_bench_shakespeare_refuses_without_a_reference_and_reads_its_last_loss(m
         bench.main()
     out = "step 1750: train loss 1.7000, val loss 1.9000\niter 1999: loss 1.6\nstep 2000: train loss 1.6500, val loss 1.8857\n"
     assert float(bench.FINAL_LOSS.findall(out)[-1][2]) == 1.8857
+
+
+def test_bench_sft_head_times_both_paths_and_restores_the_threshold(monkeypatch):
+    from rlhf import sft_trainer
+
+    bench = load("bench_sft_head")
+    args = argparse.Namespace(vocab=64, layers=1, heads=2, width=16, context=16, batch=2, steps=2, warmup=1)
+    taken: list[bool] = []
+    full_logits = sft_trainer.SFTTrainer.full_logits
+    monkeypatch.setattr(sft_trainer.SFTTrainer, "full_logits", lambda self, inputs: taken.append(full_logits(self, inputs)) or taken[-1])
+    assert bench.seconds_per_step(args, full_logits=True) > 0 and set(taken) == {True}
+    taken.clear()
+    assert bench.seconds_per_step(args, full_logits=False) > 0 and set(taken) == {False}
+    assert sft_trainer.FULL_LOGITS_MAX == 2**25
