@@ -52,6 +52,7 @@ def trainer(args, out_dir: str):
 def seconds_per_step(args, full_logits: bool) -> float:
     """Mean seconds of an optimizer step after the warm-up steps, one fresh trainer."""
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
 
     from rlhf import sft_trainer
 
@@ -68,6 +69,7 @@ def seconds_per_step(args, full_logits: bool) -> float:
     try:
         with tempfile.TemporaryDirectory() as out_dir:
             run = trainer(args, out_dir)
+            run.remove_callback(PrinterCallback)
             clock = Clock()
             run.add_callback(clock)
             run.train()
@@ -88,10 +90,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps first")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, in turns")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    import transformers
+    from rlhf.console import QUIET, configure
 
-    transformers.logging.set_verbosity_error()
+    configure(QUIET)  # the libraries' own logs, warnings and progress bars off
+    warnings.filterwarnings("ignore")
 
     times: dict[str, list[float]] = {"full": [], "chunked": []}
     for round_ in range(1, args.rounds + 1):

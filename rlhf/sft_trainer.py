@@ -2,8 +2,8 @@
 
 TRL 1.16's `SFTTrainer` always projects through its chunked LM head (`add_fused_lm_head`), which
 never builds the (B, T, V) logits: that saves memory at large vocabularies, but at ours it is the
-slow path, about a quarter of a pretraining step on the CPU (Tiny Shakespeare: 4 layers, 128 wide,
-326 tokens; `benchmarks/bench_shakespeare.py`). Where one micro-batch's logits have at most
+slower path: a Tiny Shakespeare step (4 layers, 128 wide, 326 tokens) takes about 1.1x as long on
+the CPU through it (`benchmarks/bench_sft_head.py`). Where one micro-batch's logits have at most
 `FULL_LOGITS_MAX` elements, this subclass lets the model's own forward build them and takes the loss
 and TRL's metrics (entropy, token accuracy, token count) from one log-softmax; above it, and for
 every setting that needs TRL's own path (another loss type, label smoothing, a custom loss, MoE aux
