@@ -93,7 +93,7 @@ def check_model_dir(path: str | Path, architecture: str, what: str) -> dict:
     Every command that loads a model asks here first, so a bad folder is one `ArtifactError` naming the
     file and the problem rather than a traceback from transformers: config.json must be a JSON object
     naming `architecture` (e.g. RlhfForCausalLM), every safetensors file's header must read and hold
-    floating tensors, tokenizer.json (if any) must be a JSON object, and a completed stage of a run
+    floating tensors, tokenizer.json (if any) must be a tokenizer, and a completed stage of a run
     directory must still match its manifest's hashes (checked first, so the error names the stage).
     """
     path = Path(path)
@@ -117,8 +117,21 @@ def check_model_dir(path: str | Path, architecture: str, what: str) -> dict:
     for weights in weight_files(path):
         check_safetensors(weights)
     if (path / "tokenizer.json").exists():
-        read_json_object(path / "tokenizer.json")
+        check_tokenizer_file(path / "tokenizer.json")
     return config
+
+
+def check_tokenizer_file(path: Path) -> None:
+    """Refuse a tokenizer.json that is not JSON, or is JSON but not a tokenizer (`tokenizers` names the
+    missing or malformed field); reads the file, loads no model."""
+    from tokenizers import Tokenizer
+
+    read_json_object(path)
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ArtifactError(f"{path}: not a tokenizer that `tokenizers` loads ({first_line})") from None
 
 
 def read_json_object(path: Path) -> dict:

@@ -169,7 +169,7 @@ def input_error_message(error: Exception) -> str | None:
     """One line for an error that bad input (a file, a folder, its format) causes; None for a bug.
 
     File-system errors, JSON and UTF-8 errors and safetensors' errors land here from any command.
-    (tokenizers raises a bare Exception, so `check_model_dir` reads tokenizer.json as JSON first.)
+    (tokenizers raises a bare Exception, so `check_model_dir` loads tokenizer.json first.)
     """
     import json
 

@@ -64,6 +64,7 @@ def _broken_folder(kind: str, good: Path, other: Path, tmp: Path) -> Path:
         "weights-truncated": lambda: _truncate(folder / "model.safetensors"),
         "weights-not-safetensors": lambda: (folder / "model.safetensors").write_bytes(b"\x00" * 64),
         "tokenizer-not-json": lambda: (folder / "tokenizer.json").write_text("{", encoding="utf-8"),
+        "tokenizer-not-a-tokenizer": lambda: (folder / "tokenizer.json").write_text('{"version": "1.0"}', encoding="utf-8"),
         "changed-since-manifest": lambda: _flip_last_byte(folder / "model.safetensors"),
     }[kind]
     change()
@@ -83,6 +84,7 @@ FOLDER_KINDS = {  # kind: words of the error line ({model} the folder passed)
     "weights-truncated": ("model.safetensors", "not a readable safetensors file"),
     "weights-not-safetensors": ("model.safetensors", "not a readable safetensors file"),
     "tokenizer-not-json": ("tokenizer.json", "invalid JSON"),
+    "tokenizer-not-a-tokenizer": ("tokenizer.json", "not a tokenizer"),
     "changed-since-manifest": ("model.safetensors", "sha256 differs", "rlhf run --from"),
 }
 
