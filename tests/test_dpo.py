@@ -158,3 +158,26 @@ def test_dpo_runs_data_parallel_under_torchrun(base, tmp_path) -> None:
     assert manifest["status"] == "complete" and verify_outputs(run_dir / "dpo", manifest) is None
     per_process = math.ceil(len(training_pairs(base)) / WORLD)  # the sampler pads the last share
     assert manifest["metrics"]["steps"] == math.ceil(per_process / 4), "each step saw WORLD x batch_size pairs"
+
+
+def test_beyond_context_counts_cut_and_left_out_pairs_by_hand() -> None:
+    from rlhf.stages.dpo import beyond_context
+
+    rows = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},  # 2 + 2 = 4: fits 4
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},  # 3 + 2 = 5: cut to 4
+        {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3, 4, 5, 6]},  # 1 + 4 = 5: cut (the longer answer)
+    ]
+    assert beyond_context(rows, pairs=5, max_length=4) == {"dropped_long_pairs": 2, "cut_long_pairs": 2}
+    assert beyond_context(rows, pairs=3, max_length=5) == {"dropped_long_pairs": 0, "cut_long_pairs": 0}
+
+
+def test_pairs_past_max_length_are_counted_and_said(base, tmp_path, capsys) -> None:
+    run_dir = clone(base, tmp_path)
+    code, out, err = run(capsys, base.pipeline, "--run-dir", run_dir, "--only", "dpo", "stages.dpo.max_length=12",
+                         "stages.dpo.max_steps=1", "stages.dpo.judge=", "stages.dpo.eval_prompts=")  # fmt: skip
+    assert code == 0, err[-3000:]
+    metrics = read_manifest(run_dir / "dpo")["metrics"]
+    assert metrics["cut_long_pairs"] > 0
+    assert f"{metrics['cut_long_pairs']} are cut to it" in out and f"{metrics['dropped_long_pairs']} left out" in out
+    assert metrics["train_pairs"] == len(training_pairs(base))

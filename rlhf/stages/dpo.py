@@ -49,6 +49,14 @@ def read_inputs(config: DPOStageConfig) -> DPOInputs:
     return DPOInputs(train_pairs, eval_pairs, skipped, judge, judge_prompts)
 
 
+def beyond_context(tokenized, pairs: int, max_length: int) -> dict[str, int]:
+    """Counts of training pairs past `max_length` tokens after TRL's tokenization (`tokenized`: rows of
+    prompt_ids, chosen_ids, rejected_ids): those it left out (the prompt alone fills the length) and
+    those its collator cuts (prompt + the longer answer is longer)."""
+    cut = sum(len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) > max_length for row in tokenized)
+    return {"dropped_long_pairs": pairs - len(tokenized), "cut_long_pairs": cut}
+
+
 def run(ctx: StageContext) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,6 +101,10 @@ def run(ctx: StageContext) -> dict:
         model=model, ref_model=reference, args=args, processing_class=tokenizer, peft_config=peft_config(config.lora),
         train_dataset=to_dataset(train_pairs), eval_dataset=to_dataset(eval_pairs),
     )  # fmt: skip
+    metrics.update(beyond_context(trainer.train_dataset, len(train_pairs), max_length))
+    if metrics["dropped_long_pairs"] or metrics["cut_long_pairs"]:
+        say("dpo", f"of {len(train_pairs)} training pairs longer than {max_length} tokens, {metrics['cut_long_pairs']} "
+            f"are cut to it (their end dropped) and {metrics['dropped_long_pairs']} left out (the prompt alone fills it)")  # fmt: skip
     seconds = train(trainer, ctx)
     evaluation = trainer.evaluate()
 
