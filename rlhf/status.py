@@ -11,7 +11,8 @@ Each stage is one of:
     not run     in the pipeline, but nothing of it in the run directory
 
 Without a pipeline file, the stages found in RUN_DIR are judged against their own manifests only
-(complete, corrupted or partial). The pipeline that the manifests record is named, not used: its path
+(complete, corrupted or partial), and a complete stage whose upstream stages' outputs are no longer
+those it was built on (the hashes its manifest records) is stale. The pipeline that the manifests record is named, not used: its path
 was relative to wherever the run started, the file may have been edited since, and command-line
 overrides are not recorded, so judging against it could call a stage up to date that is not. With a
 pipeline file, every stage of it is listed in run order, and the `next` column says what
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf.artifacts import CHECKPOINTS, MANIFEST, RunLock, aside_dir, building_dir, complete_manifest, verify_outputs
+from rlhf.artifacts import CHECKPOINTS, MANIFEST, RunLock, aside_dir, building_dir, complete_manifest, sha256_json, verify_outputs
 from rlhf.checkpoints import newest_checkpoint
 from rlhf.errors import ArtifactError, UserError
 from rlhf.stages import STAGES, headline_metrics, stage_order
@@ -93,11 +94,28 @@ def judge_stage(run_dir: Path, name: str, lock_held: bool) -> StageStatus | None
         doing = "being rebuilt (a run holds the lock)" if lock_held else "an interrupted rebuild"
         notes.append(f"{doing} in {building.name}/, {checkpoint_note(building)}")
     problem = verify_outputs(folder, manifest)
+    changed = None if problem else changed_upstream(run_dir, manifest)
+    status = "corrupted" if problem else "stale" if changed else "complete"
     return StageStatus(
-        name, "corrupted" if problem else "complete", problem or f"{len(manifest.get('outputs', {}))} outputs match their recorded sha256",
+        name, status, problem or changed or f"{len(manifest.get('outputs', {}))} outputs match their recorded sha256",
         notes=notes, started=manifest.get("started"), finished=manifest.get("finished"), seconds=manifest.get("seconds"),
         metrics=headline_metrics(name, manifest.get("metrics")), pipeline=manifest.get("pipeline"),
     )  # fmt: skip
+
+
+def changed_upstream(run_dir: Path, manifest: dict) -> str | None:
+    """Why a complete stage no longer follows from the upstream stages it was built on (their outputs'
+    hashes, which its manifest records, differ from theirs now, or they are gone), else None."""
+    for parent, recorded in sorted((manifest.get("upstream") or {}).items()):
+        try:
+            now = complete_manifest(run_dir / parent)
+        except ArtifactError:
+            now = None
+        if now is None:
+            return f"upstream stage '{parent}' is no longer complete in the run directory"
+        if sha256_json(now.get("outputs")) != recorded:
+            return f"upstream stage '{parent}' changed after it ran (its outputs are not those this stage was built on)"
+    return None
 
 
 def checkpoint_note(staging: Path) -> str:

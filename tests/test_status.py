@@ -237,3 +237,21 @@ def test_a_complete_stage_whose_upstream_reruns_is_stale_saying_so(tmp_path) -> 
     assert found["tokenizer"].reason == "config changed: vocab_size 400 -> 320"
     assert found["pretrain"].status == "stale" and found["pretrain"].next == "run"
     assert found["pretrain"].reason.startswith("upstream tokenizer runs first (tokenizer: config changed: vocab_size 400 -> 320)")
+
+
+def test_without_a_pipeline_a_stage_built_on_other_upstream_outputs_is_stale(tmp_path) -> None:
+    from rlhf.artifacts import read_manifest, sha256_json
+
+    run_dir = tmp_path / "run"
+    make_stage(run_dir, "tokenizer")
+    recorded = {"tokenizer": sha256_json(read_manifest(run_dir / "tokenizer")["outputs"])}
+    make_stage(run_dir, "pretrain", upstream=recorded)
+    make_stage(run_dir, "sft", upstream={"pretrain": "0" * 64})  # built on outputs pretrain no longer has
+    make_stage(run_dir, "reward", upstream={"sft": sha256_json(read_manifest(run_dir / "sft")["outputs"]), "ppo": "1" * 64})
+    found = rows(run_dir)
+    assert found["tokenizer"].status == "complete" and found["pretrain"].status == "complete"
+    assert found["sft"].status == "stale" and found["sft"].reason.startswith("upstream stage 'pretrain' changed after it ran")
+    assert found["reward"].status == "stale" and found["reward"].reason == "upstream stage 'ppo' is no longer complete in the run directory"
+
+    shutil.rmtree(run_dir / "tokenizer")  # the stage pretrain was built on is gone
+    assert rows(run_dir)["pretrain"].status == "stale"
