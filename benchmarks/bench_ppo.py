@@ -250,6 +250,9 @@ def main() -> None:
                         help="--against-trl: random models of this shape instead of the run's (e.g. 12 12 768, GPT-2 small's)")
     parser.add_argument("--episodes", type=int, help="episodes per iteration (default: the pipeline's rollout_batch_size)")
     parser.add_argument("--minibatch", type=int, help="episodes per minibatch (default: the pipeline's minibatch_size)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile(dynamic=True) the policy's and value model's forwards first (compilation happens in the "
+                             "warm-up iteration, whose time is printed apart)")  # fmt: skip
     args = parser.parse_args()
 
     pipeline = load_pipeline(args.pipeline)
@@ -272,7 +275,14 @@ def main() -> None:
                             n_layer=shape.n_layer, n_head=shape.n_head, pad_token_id=0, eos_token_id=1)  # fmt: skip
         models = random_models(config)
         prompts = [torch.randint(5, args.vocab, (args.prompt_len,)).tolist() for _ in range(ppo.rollout_batch_size)]
+    if args.compile:  # the trained models' forwards, which the update step runs most
+        for model in (models.policy, models.value):
+            model.forward = torch.compile(model.forward, dynamic=True)
+    started = time.perf_counter()
     result = measure(models, ppo, prompts, args.iterations)
+    if args.compile:
+        timed = sum(result[key] for key in SPLITS) * args.iterations
+        print(f"compiled forwards: warm-up iteration and compilation about {time.perf_counter() - started - timed:.0f} s")
     policy = models.policy
     print(f"model: {policy.config.n_layer} layers, {policy.config.n_embd} wide, {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
           f"params; {len(prompts)} episodes of up to {ppo.max_new_tokens} tokens per iteration, {ppo.ppo_epochs} PPO epochs")  # fmt: skip
