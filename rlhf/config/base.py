@@ -72,7 +72,7 @@ class ModelShape:
     """Dropout on embeddings, attention and residual branches (pretraining and SFT only)."""
     activation: str = field(default="gelu_new", metadata={OMIT_DEFAULT: True})
     """The gpt2 layout's MLP activation: 'gelu_new' (GPT-2's tanh approximation) or 'gelu' (exact, as
-    nanoGPT; about twice as fast as the approximation on CPUs)."""
+    nanoGPT)."""
 
     def __post_init__(self):
         _check(self.layout in LAYOUTS, f"layout: must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
