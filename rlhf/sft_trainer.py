@@ -52,7 +52,7 @@ class SFTTrainer(TRLSFTTrainer):
         plain = (
             args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
             and not self.aux_loss_enabled and "labels" in inputs and "shift_labels" not in inputs
-            and self.accelerator.parallelism_config is None
+            and getattr(self.accelerator, "parallelism_config", None) is None
         )  # fmt: skip
         B, T = inputs["input_ids"].shape
         return plain and B * T * self.model.config.get_text_config().vocab_size <= FULL_LOGITS_MAX
