@@ -84,6 +84,8 @@ class RLRun:
         self.optimizer = self.schedule = None
         self.controller = kl_controller(ctx.config)
         self.start_step = 0
+        self.seconds_before = 0.0
+        """Training seconds of the runs this one resumes (`max_seconds` counts them)."""
         self.iterations = 0
         """Iterations done so far, those before a resume included."""
         self.sft_evaluation: dict | None = None
@@ -174,8 +176,8 @@ class RLRun:
         ctx, config, models = self.ctx, self.config, self.models
         last = on_main(lambda: resume_checkpoint(ctx.out_dir, ctx.fingerprint))
         if last is not None:
-            self.start_step, self.sft_evaluation = load_checkpoint(last, models, self.optimizer, self.schedule,
-                                                                   self.accelerator.scaler, self.controller)  # fmt: skip
+            self.start_step, self.sft_evaluation, self.seconds_before = load_checkpoint(
+                last, models, self.optimizer, self.schedule, self.accelerator.scaler, self.controller)  # fmt: skip
             say(ctx.name, f"resuming from {last} (iteration {self.start_step})")
             return
         chosen = prompt_order(len(self.encoded), 0, config.norm_prompts, ctx.seed)
@@ -229,7 +231,8 @@ class RLRun:
         norm = models.score_normalisation
         bar = progress_bar(f"[{ctx.name}]", config.steps, initial=self.start_step, unit="it") if is_main_process() else None
         lines = StepLines(ctx.name, config.steps, unit="iteration")
-        diverged, started = 0, time.perf_counter()  # diverged: iterations in a row whose every update was NaN or inf
+        diverged = 0  # iterations in a row whose every update was NaN or inf
+        started = time.perf_counter() - self.seconds_before  # so that max_seconds counts the time before a resume
         self.iterations = self.start_step
         # SIGINT/SIGTERM: finish the iteration, save a checkpoint, stop. The trackers and the bar close however it ends.
         with GracefulStop(ctx.name) as stop, self.reporting(bar):
@@ -267,7 +270,8 @@ class RLRun:
                 stopping = stop.requested()
                 if ((step + 1) % config.save_every == 0 and step + 1 < config.steps) or stopping:
                     on_main(lambda: save_checkpoint(checkpoints / f"step-{step + 1}", models, self.optimizer, self.schedule,
-                                                    self.accelerator.scaler, controller, step + 1, self.sft_evaluation))  # fmt: skip
+                                                    self.accelerator.scaler, controller, step + 1, self.sft_evaluation,
+                                                    time.perf_counter() - started))  # fmt: skip
                 if stopping:
                     stop.exit(checkpoints / f"step-{step + 1}")
                 self.iterations = step + 1

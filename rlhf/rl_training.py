@@ -14,6 +14,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -26,9 +27,10 @@ STATE = "state.json"
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(folder: Path, models: RLModels, optimizer, scheduler, scaler, controller, step: int,
-                    baseline: dict | None) -> None:  # fmt: skip
+                    baseline: dict | None, seconds: float = 0.0) -> None:  # fmt: skip
     """Weights as safetensors, optimizer, schedule and fp16 gradient-scaler (`scaler`, None without
-    fp16) states via torch.save (read back with weights_only), the rest as JSON, written last."""
+    fp16) states via torch.save (read back with weights_only), the rest as JSON, written last;
+    `seconds`: training seconds so far (`max_seconds` counts them after a resume)."""
     from safetensors.torch import save_model
 
     from rlhf.artifacts import atomic_write_text
@@ -42,14 +44,24 @@ def save_checkpoint(folder: Path, models: RLModels, optimizer, scheduler, scaler
         states["scaler"] = scaler.state_dict()
     torch.save(states, temporary / "optimizer.pt")
     state = {"step": step, "kl_controller": controller.state_dict(), "sft_evaluation": baseline,
-             "score_normalisation": dataclasses.asdict(models.score_normalisation)}  # fmt: skip
+             "score_normalisation": dataclasses.asdict(models.score_normalisation), "seconds": seconds}  # fmt: skip
     atomic_write_text(temporary / STATE, json.dumps(state))
     temporary.rename(folder)  # a checkpoint folder exists only once complete
 
 
-def load_checkpoint(folder: Path, models: RLModels, optimizer, scheduler, scaler, controller) -> tuple[int, dict | None]:
-    """Restore a checkpoint (every process reads the same one), the run's score normalisation included;
-    returns (iteration, the SFT policy's held-out evaluation)."""
+class Resumed(NamedTuple):
+    """What a checkpoint says beyond the states it restores."""
+
+    step: int
+    """Iterations done."""
+    sft_evaluation: dict | None
+    """The SFT policy's held-out evaluation, made before the first iteration."""
+    seconds: float
+    """Training seconds up to the checkpoint (0 in checkpoints written before it was recorded)."""
+
+
+def load_checkpoint(folder: Path, models: RLModels, optimizer, scheduler, scaler, controller) -> Resumed:
+    """Restore a checkpoint (every process reads the same one), the run's score normalisation included."""
     from safetensors.torch import load_model
 
     from rlhf.rl_models import use_score_normalisation
@@ -64,7 +76,7 @@ def load_checkpoint(folder: Path, models: RLModels, optimizer, scheduler, scaler
     if scaler is not None and "scaler" in states:
         scaler.load_state_dict(states["scaler"])
     controller.load_state_dict(state["kl_controller"])
-    return state["step"], state.get("sft_evaluation")
+    return Resumed(state["step"], state.get("sft_evaluation"), float(state.get("seconds", 0.0)))
 
 
 # ----------------------------------------------------------------------------- the update

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
 from rlhf import tracking
 from rlhf.artifacts import CHECKPOINTS, append_metrics
@@ -258,22 +258,36 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
 
-class TimeBudget(TrainerCallback):
-    """Ends training once `seconds` of it have passed (from this process's start of training, resumed or not),
-    so that algorithms compared on the same wall-clock each get the same. The stage then completes with
-    the weights it has: the step that crossed the line is the last, and no checkpoint is written for it.
-    Every process stops at the same step (the slowest one's clock decides)."""
+class TimeBudget(TrainerCallback, ExportableState):
+    """Ends training once `seconds` of it have passed, the time before a resume included, so that an
+    interrupted run gets the budget of an uninterrupted one (algorithms compared on the same wall-clock
+    each get the same). The seconds spent so far travel in each checkpoint's trainer_state.json
+    (`stateful_callbacks`, transformers' `ExportableState`). The stage then completes with the weights
+    it has: the step that crossed the line is the last, and no checkpoint is written for it. Every
+    process stops at the same step (the slowest one's clock decides)."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, spent_before: float = 0.0):
         self.seconds = seconds
-        self.started = time.perf_counter()
+        self.spent_before = spent_before  # training seconds of the runs this one resumes
+        self.started: float | None = None  # this process's start of training
         self.stopped_at: int | None = None  # the step training stopped at, once the budget ran out
 
+    def spent(self) -> float:
+        """Training seconds so far, those before a resume included."""
+        return self.spent_before + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def state(self) -> dict:
+        return {"args": {"seconds": self.seconds}, "attributes": {"spent_before": self.spent()}}
+
     def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__)  # a resumed run: the checkpoint's record
+        if isinstance(saved, dict):
+            self.spent_before = float(saved.get("attributes", {}).get("spent_before", 0.0))
+        state.stateful_callbacks[type(self).__name__] = self.state()  # (a checkpoint from before this record has none)
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if any_process(time.perf_counter() - self.started >= self.seconds):
+        if any_process(self.spent() >= self.seconds):
             control.should_training_stop = True
             control.should_save = False
             self.stopped_at = state.global_step

@@ -222,3 +222,30 @@ def test_nonfinite_steps_in_a_row_stop_the_stage_with_the_last_checkpoint_intact
     assert code == 0, err[-3000:]
     assert f"resuming from {checkpoints / 'checkpoint-3'}" in out
     assert_same_weights(run_dir / "pretrain", tiny_sft.run_dir / "pretrain")
+
+
+def test_max_seconds_counts_the_training_time_before_a_resume(tiny_sft, tmp_path, capsys, monkeypatch) -> None:
+    """The budget's seconds travel in the checkpoint (trainer_state.json): a resumed run whose checkpoint
+    had all but used them up stops after its first step."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_sft.run_dir / "tokenizer", run_dir / "tokenizer")
+    budget = "stages.pretrain.max_seconds=1000"
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        at_step(patch, "on_save", 3, ctrl_c)
+        code, out, err = run(capsys, tiny_sft.pipeline, "--run-dir", run_dir, "--only", "pretrain", budget)
+    assert code == 130, err[-3000:]
+    state_file = building_dir(run_dir, "pretrain") / "checkpoints" / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    spent = state["stateful_callbacks"]["TimeBudget"]["attributes"]["spent_before"]
+    assert 0 < spent < 1000, "the seconds trained up to the checkpoint"
+    state["stateful_callbacks"]["TimeBudget"]["attributes"]["spent_before"] = 1000 - 1e-3  # as if it had run long
+    state_file.write_text(json.dumps(state))
+
+    code, out, err = run(capsys, tiny_sft.pipeline, "--run-dir", run_dir, "--only", "pretrain", budget)
+    assert code == 0, err[-3000:]
+    assert "resuming from" in out and "max_seconds 1000 reached; stopped after step 4" in out
+    assert read_manifest(run_dir / "pretrain")["metrics"]["steps"] == 4

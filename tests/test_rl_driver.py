@@ -40,12 +40,13 @@ def test_checkpoint_keeps_the_fp16_gradient_scaler(tmp_path) -> None:
     assert all((tmp_path / "step-1" / name).is_file() for name in CHECKPOINT_FILES)
     resumed = torch.amp.GradScaler("cpu")
     assert resumed.state_dict() != state
-    step, _ = load_checkpoint(tmp_path / "step-1", models, optimizer, schedule, resumed, FixedKLController(0.0))
-    assert step == 1 and resumed.state_dict() == state
+    step, _, seconds = load_checkpoint(tmp_path / "step-1", models, optimizer, schedule, resumed, FixedKLController(0.0))
+    assert step == 1 and resumed.state_dict() == state and seconds == 0.0
     # Without fp16 there is no scaler to save or restore.
-    save_checkpoint(tmp_path / "step-2", models, optimizer, schedule, None, FixedKLController(0.1), 2, None)
+    save_checkpoint(tmp_path / "step-2", models, optimizer, schedule, None, FixedKLController(0.1), 2, None, seconds=12.5)
     assert "scaler" not in torch.load(tmp_path / "step-2" / "optimizer.pt", weights_only=True)
-    assert load_checkpoint(tmp_path / "step-2", models, optimizer, schedule, None, FixedKLController(0.0))[0] == 2
+    resumed_state = load_checkpoint(tmp_path / "step-2", models, optimizer, schedule, None, FixedKLController(0.0))
+    assert resumed_state.step == 2 and resumed_state.seconds == 12.5, "the training seconds travel with the checkpoint"
 
 
 def reference_prompt_order(n_prompts: int, chunk: int, batch: int, seed: int) -> list[int]:

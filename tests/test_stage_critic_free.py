@@ -103,6 +103,25 @@ def test_max_seconds_stops_after_the_iteration_that_reaches_it(trained, tmp_path
 
 
 @pytest.mark.slow
+def test_max_seconds_counts_the_training_time_before_a_resume(trained, tmp_path, capsys) -> None:
+    """A checkpoint records the seconds trained; a resumed run whose checkpoint had all but used up the
+    budget stops after its first iteration."""
+    import json
+
+    run_dir = clone(trained, tmp_path)
+    shutil.rmtree(run_dir / "rloo")
+    budget = "stages.rloo.max_seconds=1000"
+    run_killed(trained.pipeline, "--run-dir", run_dir, "--only", "rloo", budget, step=3, event="rl_update")
+    state_file = building_dir(run_dir, "rloo") / "checkpoints" / "step-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert 0 < state["seconds"] < 1000, "the seconds trained up to the checkpoint"
+    state_file.write_text(json.dumps({**state, "seconds": 1000 - 1e-3}))  # as if it had run long
+    code, out, err = run(capsys, trained.pipeline, "--run-dir", run_dir, "--only", "rloo", budget)
+    assert code == 0 and "[rloo] stopped after iteration 3 of 4: max_seconds 1000 reached" in out, err[-2000:]
+    assert read_manifest(run_dir / "rloo")["metrics"]["iterations"] == 3
+
+
+@pytest.mark.slow
 def test_grpo_runs_data_parallel_under_torchrun(trained, tmp_path, monkeypatch) -> None:
     from pathlib import Path
 

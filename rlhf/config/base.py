@@ -156,7 +156,8 @@ class TrainingConfig(OptimizationConfig):
     max_nonfinite_steps: int = 10
     """Stop after this many optimizer steps in a row with a NaN or inf loss or gradient (each one is skipped)."""
     max_seconds: float = field(default=0.0, metadata={OMIT_DEFAULT: True})
-    """Stop training after this many seconds of training (0: no limit); the stage completes with the weights it has."""
+    """Stop training after this many seconds of training, those before a resume included (0: no limit); the
+    stage completes with the weights it has."""
 
     def __post_init__(self):
         super().__post_init__()

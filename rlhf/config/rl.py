@@ -68,8 +68,9 @@ class RLConfig(OptimizationConfig):
     max_nonfinite_iterations: int = 3
     """Stop after this many iterations in a row whose every update had a NaN or inf loss or gradient."""
     max_seconds: float = field(default=0.0, metadata={OMIT_DEFAULT: True})
-    """Stop after the first iteration that ends this many seconds into training (0: no limit); the stage then
-    completes with the policy it has (the learning-rate schedule still spans `steps`)."""
+    """Stop after the first iteration that ends this many seconds into training, those before a resume
+    included (0: no limit); the stage then completes with the policy it has (the learning-rate schedule
+    still spans `steps`)."""
 
     @property
     def group_size(self) -> int:
