@@ -33,11 +33,11 @@ def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[st
     log_probs = logits.float().log_softmax(-1)  # (B, T, V)
     picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
     with torch.no_grad():
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, T)
+        entropy = -torch.special.xlogy(log_probs.exp(), log_probs.exp()).sum(-1)  # (B, T); 0 log 0 = 0 (masked logits)
         hits = log_probs.argmax(-1) == targets  # (B, T), False where ignored
-    return {
-        "nll": -(picked * valid).sum(),
-        "entropy": (entropy * valid).sum(),
+    return {  # masked_fill, not a product: an ignored position's -inf must not turn the sum into NaN
+        "nll": -picked.masked_fill(~valid, 0.0).sum(),
+        "entropy": entropy.masked_fill(~valid, 0.0).sum(),
         "correct": hits.sum(),
         "count": valid.sum(),
     }

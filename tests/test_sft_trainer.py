@@ -111,6 +111,12 @@ def test_next_token_statistics_by_hand() -> None:
     assert ignored["count"].item() == 1 and ignored["correct"].item() == 1
     assert ignored["nll"].item() == pytest.approx(-math.log(0.75))
 
+    # A vocabulary entry masked to -inf (probability 0) adds nothing, even where the label is ignored.
+    masked = torch.tensor([[[0.0, 1.0, -math.inf], [math.log(3.0), 0.0, -math.inf], [-math.inf, 0.0, 0.0]]])
+    sums = next_token_statistics(masked, torch.tensor([[0, 1, 0]]))
+    assert sums["nll"].item() == pytest.approx(-math.log(p) - math.log(0.75))
+    assert sums["entropy"].item() == pytest.approx(-p * math.log(p) - (1 - p) * math.log(1 - p) - 0.75 * math.log(0.75) - 0.25 * math.log(0.25))
+
 
 @pytest.mark.parametrize("fmt", ["messages", "text"])
 def test_full_logits_give_trls_loss_gradients_and_metrics(tok, tmp_path, fmt, monkeypatch) -> None:
