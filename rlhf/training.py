@@ -266,9 +266,9 @@ class TimeBudget(TrainerCallback, ExportableState):
     it has: the step that crossed the line is the last, and no checkpoint is written for it. Every
     process stops at the same step (the slowest one's clock decides)."""
 
-    def __init__(self, seconds: float, spent_before: float = 0.0):
+    def __init__(self, seconds: float):
         self.seconds = seconds
-        self.spent_before = spent_before  # training seconds of the runs this one resumes
+        self.spent_before = 0.0  # training seconds of the runs this one resumes
         self.started: float | None = None  # this process's start of training
         self.stopped_at: int | None = None  # the step training stopped at, once the budget ran out
 
