@@ -15,8 +15,8 @@ Without a pipeline file, the stages found in RUN_DIR are judged against their ow
 those it was built on (the hashes its manifest records) is stale. The pipeline that the manifests
 record is named, not used: its path was relative to wherever the run started, the file may have been
 edited since, and command-line overrides are not recorded, so judging against it could call a stage
-up to date that is not. With a
-pipeline file, every stage of it is listed in run order, and the `next` column says what
+up to date that is not. With a pipeline file, every stage of it is listed in run order, and the
+`next` column says what
 `rlhf run PIPELINE.yaml --run-dir RUN_DIR` would do (the same decisions as `rlhf run --dry-run`:
 `rlhf.pipeline.stage_decisions`). RUN_DIR always wins over the file's `run_dir`.
 
