@@ -86,7 +86,7 @@ def measure(models: RLModels, ppo, prompts: list[list[int]], iterations: int) ->
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    optimizer = adamw(models.trained(), {"policy": ppo.lr, "value": ppo.value_lr or ppo.lr})  # as the RL driver
+    optimizer = adamw(models.trained(), {"policy": ppo.lr, "value": ppo.value_lr or ppo.lr}, ppo.weight_decay)  # as the RL driver
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     beta = FixedKLController(ppo.kl_coef).value
     splits: dict[str, list[float]] = {key: [] for key in SPLITS}

@@ -144,7 +144,7 @@ class RLRun:
 
         config, models = self.config, self.models
         trained = models.trained()
-        self.optimizer = adamw(trained, learning_rates)
+        self.optimizer = adamw(trained, learning_rates, config.weight_decay)
         episodes = config.rollout_batch_size * config.group_size
         total = config.steps * config.update_passes * episodes // (config.minibatch_size * config.grad_accum)
         self.schedule = get_scheduler(LR_SCHEDULES[config.lr_schedule], self.optimizer, num_warmup_steps=config.warmup_steps,

@@ -122,6 +122,20 @@ def test_max_seconds_counts_the_training_time_before_a_resume(trained, tmp_path,
 
 
 @pytest.mark.slow
+def test_weight_decay_reaches_the_optimizer(trained, tmp_path, capsys, monkeypatch) -> None:
+    import rlhf.rl_training
+
+    made = []
+    real = rlhf.rl_training.adamw
+    monkeypatch.setattr(rlhf.rl_training, "adamw", lambda *args: made.append(real(*args)) or made[-1])
+    run_dir = clone(trained, tmp_path)
+    code, out, err = run(capsys, trained.pipeline, "--run-dir", run_dir, "--only", "rloo", "stages.rloo.weight_decay=0.25",
+                         "stages.rloo.steps=1")  # fmt: skip
+    assert code == 0, err[-2000:]
+    assert [group["weight_decay"] for group in made[0].param_groups] == [0.25]  # rloo trains the policy alone
+
+
+@pytest.mark.slow
 def test_grpo_runs_data_parallel_under_torchrun(trained, tmp_path, monkeypatch) -> None:
     from pathlib import Path
 

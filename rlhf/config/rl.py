@@ -67,6 +67,9 @@ class RLConfig(OptimizationConfig):
     """Write a resumable checkpoint every this many iterations."""
     max_nonfinite_iterations: int = 3
     """Stop after this many iterations in a row whose every update had a NaN or inf loss or gradient."""
+    weight_decay: float = field(default=0.01, metadata={OMIT_DEFAULT: True})
+    """AdamW's decoupled weight decay on the trained models (policy, value); 0.01 is torch's default, which
+    the RL stages used before it was a setting."""
     max_seconds: float = field(default=0.0, metadata={OMIT_DEFAULT: True})
     """Stop after the first iteration that ends this many seconds into training, those before a resume
     included (0: no limit); the stage then completes with the policy it has (the learning-rate schedule
@@ -101,6 +104,7 @@ class RLConfig(OptimizationConfig):
         _check(self.reward_model_weight > 0 or bool(self.reward_functions),
                "reward_model_weight: 0 leaves nothing to reward; add reward_functions")  # fmt: skip
         _check(self.max_seconds >= 0, f"max_seconds: must be >= 0, got {self.max_seconds}")
+        _check(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
