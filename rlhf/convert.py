@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from rlhf.config.base import SUPPORTED_ACTIVATIONS
-from rlhf.model import RlhfConfig, RlhfForCausalLM
+from rlhf.model import LLAMA3_ROPE_KEYS, RlhfConfig, RlhfForCausalLM
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TOKENIZER_FILES = (
@@ -92,8 +92,8 @@ def _rename(state_dict: dict[str, torch.Tensor], to_hf: bool) -> dict[str, torch
 def _llama_config(hf, architecture: str) -> RlhfConfig:
     """Our llama-layout config for a Llama, Qwen2 or Mistral config; ValueError names what is unsupported."""
     rope = dict(hf.rope_parameters or {})
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{architecture}: rope scaling type {rope['rope_type']!r} is not supported (only default RoPE)")
+    if rope.get("rope_type", "default") not in ("default", "llama3"):
+        raise ValueError(f"{architecture}: rope scaling type {rope['rope_type']!r} is not supported (only default RoPE and llama3)")
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"{architecture}: partial_rotary_factor {rope['partial_rotary_factor']} is not supported")
     if hf.hidden_act != "silu":
@@ -109,6 +109,7 @@ def _llama_config(hf, architecture: str) -> RlhfConfig:
         vocab_size=hf.vocab_size, n_positions=hf.max_position_embeddings, n_embd=hf.hidden_size,
         n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads,
         head_dim=getattr(hf, "head_dim", None), n_inner=hf.intermediate_size, rope_theta=rope.get("rope_theta", 10000.0),
+        llama3_rope={key: rope[key] for key in LLAMA3_ROPE_KEYS} if rope.get("rope_type") == "llama3" else None,
         rms_norm_eps=hf.rms_norm_eps, attention_bias=architecture == "Qwen2ForCausalLM",
         mlp_bias=bool(getattr(hf, "mlp_bias", False)), dropout=0.0, initializer_range=hf.initializer_range,
         tie_word_embeddings=hf.tie_word_embeddings,
@@ -151,7 +152,8 @@ def rlhf_to_hf(model: RlhfForCausalLM) -> PreTrainedModel:
         vocab_size=c.vocab_size, max_position_embeddings=c.n_positions, hidden_size=c.n_embd,
         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
         head_dim=c.head_dim, intermediate_size=c.n_inner or 4 * c.n_embd, hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "llama3", "rope_theta": c.rope_theta, **c.llama3_rope} if c.llama3_rope
+        else {"rope_type": "default", "rope_theta": c.rope_theta}, rms_norm_eps=c.rms_norm_eps,
         initializer_range=c.initializer_range, tie_word_embeddings=c.tie_word_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, **extra,
     )  # fmt: skip

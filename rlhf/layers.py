@@ -12,6 +12,7 @@ nkv = n_kv_head, hs = head_dim.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,9 +52,31 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Rope:
-    """cos and sin (B, 1, T, hs) of positions (B, T), computed in fp32 as transformers' Llama does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+"""The settings of Llama 3.1's RoPE scaling (`RlhfConfig.llama3_rope`; transformers' rope_type 'llama3')."""
+
+
+def rope_inv_freq(head_dim: int, theta: float, llama3: dict | None = None, device=None) -> torch.Tensor:
+    """The rotary frequencies (hs / 2,): theta^(-2i / hs); with `llama3` (Llama 3.1's scaling), those whose
+    wavelength exceeds original_max_position_embeddings / low_freq_factor are divided by `factor`, those
+    shorter than original_max_position_embeddings / high_freq_factor are kept, and those between are
+    interpolated, in the same operations as transformers' `_compute_llama3_parameters`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if llama3 is None:
+        return inv_freq
+    factor, low, high, context = (llama3[key] for key in LLAMA3_ROPE_KEYS)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, llama3: dict | None = None) -> Rope:
+    """cos and sin (B, 1, T, hs) of positions (B, T), computed in fp32 as transformers' Llama does;
+    `llama3`: Llama 3.1's frequency scaling (`rope_inv_freq`)."""
+    inv_freq = rope_inv_freq(head_dim, theta, llama3, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hs / 2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hs)
     return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from rlhf.config.base import LAYOUTS, SUPPORTED_ACTIVATIONS  # the one list of layout names; the gpt2 layout's GELUs
 from rlhf.layers import (  # noqa: F401  (Block and the masks are imported from here too)
+    LLAMA3_ROPE_KEYS,
     MLP,
     Block,
     CausalSelfAttention,
@@ -74,6 +75,7 @@ class RlhfConfig(PretrainedConfig):
         n_kv_head: int | None = None,
         head_dim: int | None = None,
         rope_theta: float = 10000.0,
+        llama3_rope: dict | None = None,
         rms_norm_eps: float = 1e-6,
         attention_bias: bool = False,
         mlp_bias: bool = False,
@@ -94,7 +96,10 @@ class RlhfConfig(PretrainedConfig):
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
         if layout == "llama" and head_dim % 2:
             raise ValueError(f"head_dim ({head_dim}) must be even (rotary positions rotate pairs)")
+        if llama3_rope is not None and (layout != "llama" or set(llama3_rope) != set(LLAMA3_ROPE_KEYS)):
+            raise ValueError(f"llama3_rope: a llama-layout setting with exactly the keys {', '.join(LLAMA3_ROPE_KEYS)}")
         self.layout = layout
+        self.llama3_rope = llama3_rope  # Llama 3.1's frequency scaling of RoPE (`rlhf.layers.rope_inv_freq`); None: plain
         # llama layout only: key/value heads (grouped-query attention; n_head = multi-head), the width of
         # a head (n_embd // n_head unless a checkpoint says otherwise), the RoPE base, the RMSNorm
         # epsilon, Qwen2's q/k/v biases, MLP biases, and the transformers class it came from or goes to.
@@ -220,7 +225,8 @@ class RlhfModel(RlhfPreTrainedModel):
         if self.config.layout == "gpt2":
             x = x + self.wpe(position_ids)
         else:
-            rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, 1, T, hs)
+            rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype,
+                                  self.config.llama3_rope)  # (B, 1, T, hs)
         x = self.drop(x)
         for block in self.h:
             x = block(x, mask, cache=cache, rope=rope)  # by keyword: checkpointing drops a cache passed so

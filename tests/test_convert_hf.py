@@ -188,6 +188,22 @@ def test_exactness_check_is_sensitive() -> None:
     assert max_logit_diff(ours, hf) > 1e-3
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}  # head width 16: one frequency kept, two interpolated, five divided
+
+
+@pytest.mark.parametrize("shape", [SHAPES["w96h6kv2"], SHAPES["w40h2kv2hd24"]], ids=["w96h6kv2", "w40h2kv2hd24"])
+def test_llama3_rope_scaling_converts_exactly_both_ways(shape) -> None:
+    hf = hf_model("LlamaForCausalLM", *shape, rope_parameters=dict(LLAMA3_ROPE))
+    ours = hf_to_rlhf(hf).eval()
+    assert ours.config.llama3_rope == {key: LLAMA3_ROPE[key] for key in ours.config.llama3_rope}
+    assert_exact(ours, hf)
+    assert max_logit_diff(hf_to_rlhf(hf_model("LlamaForCausalLM", *shape)).eval(), hf) > 1e-2, "the scaling matters here"
+    back = rlhf_to_hf(ours).eval()
+    assert back.config.rope_parameters == LLAMA3_ROPE
+    assert_exact(ours, back)
+
+
 @pytest.mark.parametrize(
     "architecture,extra,words",
     [

@@ -114,6 +114,9 @@ def test_configs_saved_before_layouts_load_as_gpt2(tmp_path) -> None:
         (dict(layout="gpt2", n_kv_head=2), "llama-layout settings"),
         (dict(layout="gpt2", attention_bias=True), "llama-layout settings"),
         (dict(layout="llama", n_embd=30, n_head=2, head_dim=15), "must be even"),
+        (dict(layout="gpt2", llama3_rope=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                original_max_position_embeddings=32)), "llama3_rope: a llama-layout setting"),
+        (dict(layout="llama", llama3_rope=dict(factor=8.0)), "with exactly the keys factor, low_freq_factor"),
     ],
 )
 def test_config_checks(overrides, words) -> None:
@@ -159,3 +162,20 @@ def test_lora_targets_per_layout() -> None:
     with pytest.raises(ValueError, match="'attn' matches no layer .* a llama-layout model has q_proj"):
         LoraSettings(target_modules=["attn"])
     assert LoraSettings(target_modules=["q_proj"]).target_modules == ["q_proj"] and "c_fc" in LORA_TARGETS
+
+
+def test_llama3_rope_frequencies_by_hand() -> None:
+    """head_dim 4, theta 100: frequencies 1 and 0.1, wavelengths 2 pi and 20 pi."""
+    import math
+
+    from rlhf.layers import rope_inv_freq
+
+    assert rope_inv_freq(4, 100.0).tolist() == pytest.approx([1.0, 0.1])
+    # original context 32: long wavelengths past 32 / low = 32 are divided by the factor, short ones under 32 / 4 = 8 kept.
+    low_and_high = dict(factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+    assert rope_inv_freq(4, 100.0, low_and_high).tolist() == pytest.approx([1.0, 0.05])
+    # original context 100: 20 pi lies between 100 / 4 = 25 and 100, so it is interpolated with weight
+    # s = (100 / (20 pi) - 1) / (4 - 1): (1 - s) * 0.1 / 2 + s * 0.1.
+    medium = dict(low_and_high, original_max_position_embeddings=100)
+    s = (100 / (20 * math.pi) - 1) / 3
+    assert rope_inv_freq(4, 100.0, medium).tolist() == pytest.approx([1.0, (1 - s) * 0.05 + s * 0.1])
