@@ -190,7 +190,8 @@ def check_fits_model(tok: PreTrainedTokenizerFast, model_config, where: str | os
     """Refuse a tokenizer and a model that do not belong together (an `ArtifactError` naming `where`).
 
     The model must embed every token id (its vocabulary may be padded beyond the tokenizer's), and
-    pad and end-of-sequence must be the same tokens for both.
+    pad and end-of-sequence must be the same tokens for both (a model may list several end-of-sequence
+    ids, as Llama 3's configs do: the tokenizer's must be one of them).
     """
     from rlhf.errors import ArtifactError
 
@@ -201,5 +202,5 @@ def check_fits_model(tok: PreTrainedTokenizerFast, model_config, where: str | os
         )
     for name in ("pad_token_id", "eos_token_id"):
         expected = getattr(model_config, name, None)
-        if expected is not None and getattr(tok, name) != expected:
+        if expected is not None and getattr(tok, name) not in (expected if isinstance(expected, list) else [expected]):
             raise ArtifactError(f"{where}: the tokenizer's {name} is {getattr(tok, name)} but the model's is {expected}")

@@ -226,3 +226,20 @@ def test_trl_accepts_chat_template(reloaded) -> None:
     chat_utils = pytest.importorskip("trl.chat_template_utils")
     assert chat_utils.has_generation_markers(reloaded.chat_template)
     assert chat_utils.is_chat_template_stop_token_trained(reloaded)
+
+
+def test_check_fits_model_matches_pad_and_eos_and_accepts_an_eos_list(bpe) -> None:
+    from types import SimpleNamespace
+
+    from rlhf.errors import ArtifactError
+    from rlhf.tokenizer import check_fits_model
+
+    fits = dict(vocab_size=len(bpe), pad_token_id=bpe.pad_token_id, eos_token_id=bpe.eos_token_id)
+    check_fits_model(bpe, SimpleNamespace(**fits), "m")
+    check_fits_model(bpe, SimpleNamespace(**{**fits, "eos_token_id": [7, bpe.eos_token_id]}), "m")  # Llama 3's list
+    with pytest.raises(ArtifactError, match=f"m: the tokenizer's eos_token_id is {bpe.eos_token_id} but the model's is \\[7, 8\\]"):
+        check_fits_model(bpe, SimpleNamespace(**{**fits, "eos_token_id": [7, 8]}), "m")
+    with pytest.raises(ArtifactError, match="the tokenizer's pad_token_id"):
+        check_fits_model(bpe, SimpleNamespace(**{**fits, "pad_token_id": bpe.pad_token_id + 1}), "m")
+    with pytest.raises(ArtifactError, match="the model's vocabulary is 3"):
+        check_fits_model(bpe, SimpleNamespace(**{**fits, "vocab_size": 3}), "m")
