@@ -111,9 +111,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value} is out of range (at most {MAX_INT} in magnitude)")
         return value
     if hint is float:
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string, and so are overrides; range-checked below
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
